@@ -1,0 +1,128 @@
+"""Calibrate the simulator's cost model against the real engine.
+
+    fluidserve calibrate [--model M] [--out FILE] [--quick]
+
+Runs a sweep of batch shapes (prefill chunks of several sizes, decode batches of several sizes
+and context lengths, and mixes of both) through `ModelActor.execute`, times each, and fits
+`tau = d0 + d_tok * new_tokens + d_kv * attended_kv` with `scheduler.cost.fit`. The KV content
+is whatever the cache holds: timing does not depend on it, so decodes of any context length
+are planned directly, without running their prefills first.
+"""
+from __future__ import annotations
+
+import os
+
+# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. On a shared box a
+# spinning team waiting for a descheduled thread makes 2 threads 2-4x slower than 1.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import statistics
+import sys
+from itertools import count
+
+from kv.blocks import BlockPool
+from scheduler.cost import Fit, fit
+from scheduler.plan import Plan, ScheduledChunk
+
+PREFILL_SIZES = [16, 64, 128, 256, 512, 1024]
+DECODE_BATCHES = [1, 4, 16, 32, 64, 128]
+DECODE_CONTEXTS = [32, 128, 512, 1024]
+QUICK_PREFILL_SIZES = [32, 128, 512]
+QUICK_DECODE_BATCHES = [1, 16, 64]
+QUICK_DECODE_CONTEXTS = [64, 512]
+
+
+def batch_shapes(quick: bool) -> list[tuple[list[int], list[int]]]:
+    """(prefill chunk sizes, decode context lengths) of each planned step."""
+    prefills = QUICK_PREFILL_SIZES if quick else PREFILL_SIZES
+    batches = QUICK_DECODE_BATCHES if quick else DECODE_BATCHES
+    contexts = QUICK_DECODE_CONTEXTS if quick else DECODE_CONTEXTS
+    shapes: list[tuple[list[int], list[int]]] = [([n], []) for n in prefills]
+    shapes += [([], [ctx] * b) for b in batches for ctx in contexts]
+    # Mixed steps (the common case under chunked prefill), with spread-out contexts.
+    for n in prefills[1::2]:
+        for b in batches[1:]:
+            shapes.append(([n], [contexts[i % len(contexts)] for i in range(b)]))
+    return shapes
+
+
+def _plan(pool: BlockPool, prefills: list[int], decodes: list[int], ids: count) -> Plan | None:
+    """A plan with fresh requests of the given shape, or None if the cache cannot hold it."""
+    need = sum(pool.blocks_for(n) for n in prefills) + sum(pool.blocks_for(c) for c in decodes)
+    if need > pool.num_free_blocks:
+        return None
+    chunks = []
+    for n in prefills:
+        rid = f"p{next(ids)}"
+        pool.reserve(rid, n)
+        chunks.append(ScheduledChunk(rid, [100] * n, 0, n, pool.block_table(rid),
+                                     pool.slot_mapping(rid, 0, n), True))
+    for ctx in decodes:
+        rid = f"d{next(ids)}"
+        pool.reserve(rid, ctx)
+        chunks.append(ScheduledChunk(rid, [100], ctx - 1, 1, pool.block_table(rid),
+                                     pool.slot_mapping(rid, ctx - 1, ctx), True,
+                                     is_prefill=False))
+    return Plan(0, 0, chunks, pool.block_size)
+
+
+def calibrate(actor, quick: bool = False, repeats: int | None = None,
+              verbose: bool = False) -> Fit:
+    """Time the engine on a sweep of shapes and fit the cost model (seconds per iteration)."""
+    cap = actor.capacity()
+    pool = BlockPool(cap["num_blocks"], cap["block_size"])
+    repeats = repeats or (2 if quick else 3)
+    ids = count()
+    samples: list[tuple[int, int, float]] = []
+    for prefills, decodes in batch_shapes(quick):
+        plan = _plan(pool, prefills, decodes, ids)
+        if plan is None:
+            continue
+        actor.execute(plan)  # warm-up: first touch of these blocks, allocator growth
+        times = [actor.execute(plan).step_time_s for _ in range(repeats)]
+        seconds = statistics.median(times)
+        samples.append((plan.num_new_tokens, plan.num_attended_kv, seconds))
+        if verbose:
+            print(f"  prefill {prefills or '-'} decodes {len(decodes)} "
+                  f"new={plan.num_new_tokens} kv={plan.num_attended_kv}: {seconds * 1e3:.1f} ms")
+        for c in plan.chunks:
+            pool.free(c.request_id)
+    return fit(samples, kv_capacity_tokens=cap["kv_capacity_tokens"],
+               block_size=cap["block_size"], name=f"{cap['model']}@{cap['device']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fluidserve calibrate",
+                                description="fit the cost model to this machine's engine")
+    p.add_argument("--model", default="default")
+    p.add_argument("--out", default=None, help="CostModel JSON (default: cost-<model>.json)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    p.add_argument("--kv-cache-tokens", type=int, default=65536)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+
+    from actors.model.config import ModelLoadError
+    from actors.model_actor import ModelActor
+
+    try:
+        actor = ModelActor(args.model, kv_cache_tokens=args.kv_cache_tokens,
+                           device=args.device, num_threads=args.threads)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = calibrate(actor, quick=args.quick, verbose=args.verbose)
+    m = result.model
+    out = args.out or f"cost-{args.model.replace(':', '-').replace('/', '_')}.json"
+    m.save(out)
+    print(f"fit over {result.num_samples} iterations on {actor.capacity()['device']}: "
+          f"d0={m.d0 * 1e3:.3f} ms  d_tok={m.d_tok * 1e6:.2f} us/token  "
+          f"d_kv={m.d_kv * 1e9:.2f} ns/kv-token  R^2={result.r2:.4f}")
+    print(f"wrote {out} (kv_capacity_tokens={m.kv_capacity_tokens}, block_size={m.block_size})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

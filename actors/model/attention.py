@@ -1,0 +1,175 @@
+"""Attention backends behind one small interface, and the torch SDPA backend.
+
+A backend gets the new tokens' q/k/v of one layer (KV already written to the paged cache) and
+returns the attention output. `prepare` runs once per step and builds whatever index tensors
+all layers share. Backends: `sdpa` (torch, any device) here; `flash_attn` in flash_attention.py.
+
+SDPA on CPU, the hot path of the default deployment:
+  - a prefill chunk starting at position 0 attends only to its own tokens: causal SDPA on the
+    fresh k/v, no gather at all;
+  - a chunk continuing an earlier prefill gathers its blocks and uses an explicit causal mask
+    aligned to the chunk's end (torch's is_causal is top-left aligned);
+  - decodes (sorted by context length) are cut into groups of similar length; each group is
+    one SDPA call over KV gathered block-wise and padded to the group's longest context.
+    GQA without copying KV: the g query heads sharing a KV head become g "query positions".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from actors.model.batch import SeqSpan, StepBatch
+from kv.cache import KVCache
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, batch: StepBatch, cache: KVCache) -> Any:
+        """Per-step metadata shared by all layers."""
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cache: KVCache, meta: Any) -> torch.Tensor:
+        """q `[T, H, D]`, k/v `[T, Hkv, D]` (already in the cache) -> `[T, H, D]`."""
+
+
+@dataclass
+class PrefillMeta:
+    rows: slice
+    blocks: torch.Tensor | None  # None: starts at 0, attend to the fresh k/v only
+    mask: torch.Tensor | None  # [T, L] bool, True = attend
+
+
+@dataclass
+class DecodeGroupMeta:
+    rows: slice
+    blocks: torch.Tensor  # [B * max_blocks] block ids, gathered in one index_select
+    num_blocks: int  # max_blocks
+    mask: torch.Tensor | None  # [B, 1, 1, L] bool; None when every context fills L exactly
+
+
+@dataclass
+class SdpaMeta:
+    prefills: list[PrefillMeta]
+    decode_groups: list[DecodeGroupMeta]
+
+
+class SdpaBackend:
+    name = "sdpa"
+
+    def __init__(self, max_group_padding: float = 0.15) -> None:
+        # A decode group may waste this fraction of its gathered KV on padding; more groups
+        # cost a few extra small calls per layer, more padding costs memory traffic.
+        self.max_group_padding = max_group_padding
+
+    def prepare(self, batch: StepBatch, cache: KVCache) -> SdpaMeta:
+        dev, bs = batch.input_ids.device, batch.block_size
+        prefills = [self._prefill_meta(s, bs, dev) for s in batch.prefills]
+        groups = [self._group_meta(g, bs, dev) for g in self._group_decodes(batch.decodes, bs)]
+        return SdpaMeta(prefills, groups)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cache: KVCache, meta: SdpaMeta) -> torch.Tensor:
+        out = torch.empty_like(q)
+        k_pages, v_pages = cache.paged(layer)
+        for p in meta.prefills:
+            out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], k_pages, v_pages, p)
+        for g in meta.decode_groups:
+            out[g.rows] = self._decode(q[g.rows], k_pages, v_pages, g)
+        return out
+
+    # -- prefill ---------------------------------------------------------------------------
+    @staticmethod
+    def _prefill_meta(s: SeqSpan, bs: int, dev: torch.device) -> PrefillMeta:
+        rows = slice(s.row_start, s.row_start + s.num_tokens)
+        if s.start_pos == 0:
+            return PrefillMeta(rows, None, None)
+        n_blocks = -(-s.context_len // bs)
+        blocks = torch.tensor(s.block_table[:n_blocks], dtype=torch.long, device=dev)
+        q_pos = torch.arange(s.start_pos, s.context_len, device=dev)
+        k_pos = torch.arange(n_blocks * bs, device=dev)
+        return PrefillMeta(rows, blocks, k_pos[None, :] <= q_pos[:, None])
+
+    @staticmethod
+    def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor,
+                 v_pages: torch.Tensor, p: PrefillMeta) -> torch.Tensor:
+        if p.blocks is not None:  # continue an earlier prefill: read all its KV from the cache
+            k = k_pages.index_select(0, p.blocks).flatten(0, 1)
+            v = v_pages.index_select(0, p.blocks).flatten(0, 1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=True,
+        )
+        return o.transpose(0, 1)
+
+    # -- decode ----------------------------------------------------------------------------
+    def _group_decodes(self, decodes: list[SeqSpan], bs: int) -> list[list[SeqSpan]]:
+        """Cut decodes (ascending context) into runs whose padded KV wastes little."""
+        groups: list[list[SeqSpan]] = []
+        real = 0
+        for s in decodes:
+            blocks = -(-s.context_len // bs)
+            if groups:
+                padded = (len(groups[-1]) + 1) * blocks * bs  # s is the longest so far
+                if padded <= (real + s.context_len) * (1 + self.max_group_padding) + 2 * bs:
+                    groups[-1].append(s)
+                    real += s.context_len
+                    continue
+            groups.append([s])
+            real = s.context_len
+        return groups
+
+    @staticmethod
+    def _group_meta(group: list[SeqSpan], bs: int, dev: torch.device) -> DecodeGroupMeta:
+        rows = slice(group[0].row_start, group[-1].row_start + 1)
+        width = -(-group[-1].context_len // bs)
+        table = torch.zeros(len(group), width, dtype=torch.long)
+        lens = torch.tensor([s.context_len for s in group])
+        for r, s in enumerate(group):
+            row = s.block_table[:width]
+            table[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask = None
+        if bool((lens != width * bs).any()):
+            mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
+            mask = mask.to(dev)
+        return DecodeGroupMeta(rows, table.flatten().to(dev), width, mask)
+
+    @staticmethod
+    def _decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                g: DecodeGroupMeta) -> torch.Tensor:
+        b, h, d = q.shape
+        _, bs, hkv, _ = k_pages.shape
+        length = g.num_blocks * bs
+        k = k_pages.index_select(0, g.blocks).view(b, length, hkv, d).transpose(1, 2)
+        v = v_pages.index_select(0, g.blocks).view(b, length, hkv, d).transpose(1, 2)
+        # [B, Hkv, g, D]: query heads of one KV head act as g query rows of that head.
+        o = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d), k, v, attn_mask=g.mask)
+        return o.reshape(b, h, d)
+
+
+def flash_attn_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_backend(name: str, device: torch.device, block_size: int) -> AttentionBackend:
+    """`auto`: flash_attn where it imports on CUDA, else sdpa. Explicit names are honoured."""
+    if name == "auto":
+        name = "flash_attn" if flash_attn_available(device) else "sdpa"
+    if name == "sdpa":
+        return SdpaBackend()
+    if name == "flash_attn":
+        if not flash_attn_available(device):
+            raise ValueError("attention='flash_attn' needs CUDA and the flash-attn package")
+        from actors.model.flash_attention import FlashAttnBackend
+
+        return FlashAttnBackend(block_size)
+    raise ValueError(f"unknown attention backend {name!r} (auto, sdpa, flash_attn)")

@@ -1,0 +1,125 @@
+"""KVCache: the key/value tensors of one model actor, paged in blocks.
+
+Layout per layer: `[num_blocks, block_size, kv_heads, head_dim]` for K and for V (flash-attn's
+paged layout), stored as one `[num_layers, ...]` tensor each. Slot `s` is token `s % block_size`
+of block `s // block_size`. The scheduler's `kv.blocks.BlockPool` owns which blocks belong to
+whom; this class only writes where a plan's slot mapping says, after checking that every slot
+lies inside the writing request's own blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scheduler.plan import Plan
+
+
+class PlanError(ValueError):
+    """A plan that cannot be executed as given (blocks outside the cache, inconsistent slots)."""
+
+
+@dataclass(frozen=True)
+class KVShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * elem
+
+
+class KVCache:
+    def __init__(self, shape: KVShape, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
+        dims = (shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
+        self.k = torch.zeros(dims, device=device, dtype=dtype)
+        self.v = torch.zeros(dims, device=device, dtype=dtype)
+
+    @classmethod
+    def from_budget(cls, shape: KVShape, block_size: int, device: torch.device,
+                    dtype: torch.dtype, cpu_tokens: int = 16384,
+                    gpu_memory_fraction: float = 0.9) -> KVCache:
+        """GPU: a fraction of the memory still free after the weights; CPU: `cpu_tokens` tokens."""
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            num_blocks = int(free * gpu_memory_fraction) // shape.bytes_per_block(block_size, dtype)
+        else:
+            num_blocks = cpu_tokens // block_size
+        return cls(shape, num_blocks, block_size, device, dtype)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_slots
+
+    def paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a layer as `[num_blocks, block_size, kv_heads, head_dim]`."""
+        return self.k[layer], self.v[layer]
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a layer as `[num_slots, kv_heads, head_dim]` (views, no copy)."""
+        s = self.shape
+        return (self.k[layer].view(-1, s.num_kv_heads, s.head_dim),
+                self.v[layer].view(-1, s.num_kv_heads, s.head_dim))
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store new tokens' K/V `[tokens, kv_heads, head_dim]` at `slots` (validated plans only)."""
+        k_flat, v_flat = self.flat(layer)
+        k_flat.index_copy_(0, slots, k)
+        v_flat.index_copy_(0, slots, v)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at `slots` (any shape of slot ids) -> `[*slots.shape, kv_heads, head_dim]`."""
+        k_flat, v_flat = self.flat(layer)
+        flat_slots = slots.reshape(-1)
+        out_shape = (*slots.shape, self.shape.num_kv_heads, self.shape.head_dim)
+        return (k_flat.index_select(0, flat_slots).view(out_shape),
+                v_flat.index_select(0, flat_slots).view(out_shape))
+
+    def validate(self, plan: Plan) -> None:
+        """Raise PlanError unless every chunk writes only inside its own blocks of this cache."""
+        validate_plan(plan, self.num_blocks, self.block_size)
+
+
+def validate_plan(plan: Plan, num_blocks: int, block_size: int) -> None:
+    if plan.block_size != block_size:
+        raise PlanError(f"plan block_size {plan.block_size} != the cache's {block_size}")
+    seen_requests: set[str] = set()
+    seen_slots: set[int] = set()
+    for chunk in plan.chunks:
+        rid = chunk.request_id
+        if rid in seen_requests:
+            raise PlanError(f"{rid}: appears twice in plan {plan.iteration}")
+        seen_requests.add(rid)
+        n = chunk.num_tokens
+        if n <= 0 or len(chunk.token_ids) != n or len(chunk.slot_mapping) != n:
+            raise PlanError(f"{rid}: num_tokens {n}, {len(chunk.token_ids)} token ids and "
+                            f"{len(chunk.slot_mapping)} slots must agree and be positive")
+        if chunk.start_pos < 0:
+            raise PlanError(f"{rid}: negative start_pos {chunk.start_pos}")
+        table = chunk.block_table
+        bad = [b for b in table if not 0 <= b < num_blocks]
+        if bad:
+            raise PlanError(f"{rid}: block ids {bad[:4]} outside the cache's {num_blocks} blocks")
+        if len(table) * block_size < chunk.context_len:
+            raise PlanError(f"{rid}: {len(table)} blocks cannot hold {chunk.context_len} tokens")
+        # Each slot must be exactly where the request's own table puts that position: this is
+        # what guarantees a plan never overwrites another request's KV.
+        start = chunk.start_pos
+        for j, slot in enumerate(chunk.slot_mapping):
+            p = start + j
+            if slot != table[p // block_size] * block_size + p % block_size:
+                raise PlanError(f"{rid}: slot {slot} of position {p} is not in its block table")
+        if len(set(table)) != len(table):
+            raise PlanError(f"{rid}: block table repeats a block")
+        if not seen_slots.isdisjoint(chunk.slot_mapping):
+            raise PlanError(f"{rid}: writes a slot another request in the plan also writes")
+        seen_slots.update(chunk.slot_mapping)

@@ -1,0 +1,35 @@
+"""Batching policies behind one interface, by name."""
+from __future__ import annotations
+
+from scheduler.cost import CostModel
+from scheduler.policies.base import Policy, PolicyConfig, WorkloadHint
+
+POLICY_NAMES = ("nested-wait", "wait", "vllm", "sarathi")
+
+
+def make_policy(
+    name: str,
+    config: PolicyConfig | None = None,
+    cost: CostModel | None = None,
+    hint: WorkloadHint | None = None,
+    **params,
+) -> Policy:
+    """Build a policy by name; `params` are the policy's own (budget, num_segments, chunk_size...)."""
+    from scheduler.policies.nested_wait import NestedWaitPolicy
+    from scheduler.policies.sarathi import SarathiPolicy
+    from scheduler.policies.vllm import VLLMPolicy
+    from scheduler.policies.wait import WaitPolicy
+
+    config = config or PolicyConfig()
+    if name == "nested-wait":
+        return NestedWaitPolicy(config, cost=cost, hint=hint, **params)
+    if name == "wait":
+        return WaitPolicy(config, cost=cost, hint=hint, **params)
+    if name == "vllm":
+        return VLLMPolicy(config, **params)
+    if name == "sarathi":
+        return SarathiPolicy(config, **params)
+    raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICY_NAMES)}")
+
+
+__all__ = ["POLICY_NAMES", "Policy", "PolicyConfig", "WorkloadHint", "make_policy"]

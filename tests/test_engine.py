@@ -1,0 +1,302 @@
+"""The paged engine against transformers' own forward on the same weights (CPU, fp32)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from actors.model.attention import SdpaBackend, flash_attn_available, make_backend
+from actors.model.batch import build_batch
+from actors.model.llama import LlamaModel
+from actors.model.loader import load_model
+from actors.model_actor import ModelActor, actor_name
+from kv.blocks import BlockPool
+from kv.cache import KVCache, KVShape, PlanError
+from scheduler.plan import Plan, ScheduledChunk
+from scheduler.request import SamplingParams
+
+TOL = 1e-4
+BS = 16
+
+
+class Harness:
+    """Our model + a paged cache + transformers' LlamaForCausalLM on the same weights."""
+
+    def __init__(self, model: str, num_blocks: int = 96, device: str = "cpu",
+                 dtype: str = "float32", backend: str = "sdpa") -> None:
+        from transformers import LlamaForCausalLM
+
+        loaded, self.tokenizer = load_model(model, device, dtype)
+        self.hf = LlamaForCausalLM(loaded.hf_config).to(loaded.device, loaded.dtype).eval()
+        self.hf.load_state_dict(loaded.weights, strict=False)  # tied heads: lm_head absent
+        self.model = LlamaModel(loaded)
+        c = self.model.config
+        self.cache = KVCache(KVShape(c.num_layers, c.num_kv_heads, c.head_dim), num_blocks, BS,
+                             loaded.device, loaded.dtype)
+        self.backend = make_backend(backend, loaded.device, BS)
+        self.vocab = c.vocab_size
+
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        plan = Plan(0, 0, chunks, BS)
+        self.cache.validate(plan)
+        batch = build_batch(plan, self.cache.k.device)
+        return self.model.forward(batch, self.cache, self.backend,
+                                  self.backend.prepare(batch, self.cache))
+
+    @torch.no_grad()
+    def reference(self, tokens: list[int]) -> torch.Tensor:
+        """transformers' logits at every position of `tokens`, fp32."""
+        ids = torch.tensor([tokens], device=self.cache.k.device)
+        return self.hf(ids).logits[0].float()
+
+
+def chunk(rid: str, tokens: list[int], start: int, table: list[int], sample: bool = True,
+          **kw) -> ScheduledChunk:
+    slots = [table[p // BS] * BS + p % BS for p in range(start, start + len(tokens))]
+    return ScheduledChunk(rid, list(tokens), start, len(tokens), table, slots, sample,
+                          is_prefill=kw.pop("is_prefill", True), **kw)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def prompt(vocab: int, n: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core box an OpenMP team
+    waiting for a descheduled thread turns microseconds into milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Harness:
+    return Harness("random:tiny")
+
+
+def shuffled_tables(lengths: list[int], num_blocks: int, seed: int = 0) -> list[list[int]]:
+    """Disjoint, non-contiguous, shuffled block tables holding `lengths` tokens each."""
+    ids = list(range(num_blocks))
+    random.Random(seed).shuffle(ids)
+    tables = []
+    for n in lengths:
+        k = -(-n // BS)
+        tables.append(ids[:k])
+        ids = ids[k:]
+    return tables
+
+
+def test_single_prompt_matches_transformers(tiny: Harness) -> None:
+    tokens = prompt(tiny.vocab, 40, seed=1)
+    logits = tiny.run([chunk("a", tokens, 0, [0, 1, 2])])
+    assert rel_err(logits[0], tiny.reference(tokens)[-1]) < TOL
+
+
+def test_mixed_batch_with_shuffled_tables(tiny: Harness) -> None:
+    lengths = [1, 5, 16, 17, 63, 100]
+    tables = shuffled_tables(lengths, 96, seed=3)
+    prompts = [prompt(tiny.vocab, n, seed=10 + i) for i, n in enumerate(lengths)]
+    logits = tiny.run([chunk(str(i), p, 0, t) for i, (p, t) in enumerate(zip(prompts, tables))])
+    for i, p in enumerate(prompts):
+        assert rel_err(logits[i], tiny.reference(p)[-1]) < TOL, f"prompt of {len(p)}"
+
+
+def test_chunked_prefill_across_iterations(tiny: Harness) -> None:
+    tokens = prompt(tiny.vocab, 90, seed=4)
+    other = prompt(tiny.vocab, 30, seed=5)
+    table, other_table = shuffled_tables([90, 30], 96, seed=7)
+    ref, other_ref = tiny.reference(tokens), tiny.reference(other)
+    start = 0
+    for i, size in enumerate([16, 7, 1, 30, 36]):
+        chunks = [chunk("a", tokens[start : start + size], start, table)]
+        if i == 0:  # a second request's whole prefill in the same step
+            chunks.append(chunk("b", other, 0, other_table))
+        logits = tiny.run(chunks)
+        assert rel_err(logits[0], ref[start + size - 1]) < TOL, f"chunk {i}"
+        if i == 0:
+            assert rel_err(logits[1], other_ref[-1]) < TOL
+        start += size
+
+
+def test_hundred_decode_steps_with_mixed_lengths(tiny: Harness) -> None:
+    lengths = [3, 20, 47]
+    tables = shuffled_tables([n + 100 for n in lengths], 96, seed=11)
+    seqs = [prompt(tiny.vocab, n, seed=20 + i) for i, n in enumerate(lengths)]
+    logits = tiny.run([chunk(str(i), s, 0, t) for i, (s, t) in enumerate(zip(seqs, tables))])
+    for step in range(100):
+        for i, s in enumerate(seqs):
+            s.append(int(logits[i].argmax()))
+        chunks = [chunk(str(i), s[-1:], len(s) - 1, t, is_prefill=False)
+                  for i, (s, t) in enumerate(zip(seqs, tables))]
+        random.Random(step).shuffle(chunks)  # plan order is arbitrary; results follow it
+        logits = tiny.run(chunks)
+        by_id = {c.request_id: logits[j] for j, c in enumerate(chunks)}
+        if step % 9 == 0 or step == 99:  # the reference costs a full forward each time
+            for i, s in enumerate(seqs):
+                assert rel_err(by_id[str(i)], tiny.reference(s)[-1]) < TOL, f"step {step}"
+        logits = torch.stack([by_id[str(i)] for i in range(len(seqs))])
+
+
+def test_decode_grouping_covers_every_length() -> None:
+    """Widely spread contexts split into several padded groups; none is lost or reordered."""
+    h = Harness("random:tiny", num_blocks=200)
+    h.backend = SdpaBackend(max_group_padding=0.0)
+    lengths = [2, 15, 16, 17, 33, 80, 81, 200, 513]
+    tables = shuffled_tables(lengths, 200, seed=5)
+    seqs = [prompt(h.vocab, n, seed=40 + i) for i, n in enumerate(lengths)]
+    h.run([chunk(str(i), s[:-1], 0, t, sample=False) for i, (s, t) in enumerate(zip(seqs, tables))])
+    logits = h.run([chunk(str(i), s[-1:], len(s) - 1, t, is_prefill=False)
+                    for i, (s, t) in enumerate(zip(seqs, tables))])
+    for i, s in enumerate(seqs):
+        assert rel_err(logits[i], h.reference(s)[-1]) < TOL, f"context {len(s)}"
+
+
+def test_llama3_rope_and_untied_head_match_transformers() -> None:
+    h = Harness("random:tiny-llama3", num_blocks=40)
+    tokens = prompt(h.vocab, 400, seed=6)  # past original_max_position_embeddings (256)
+    table = shuffled_tables([400], 40, seed=2)[0]
+    logits = h.run([chunk("a", tokens[:300], 0, table)])
+    ref = h.reference(tokens)
+    assert rel_err(logits[0], ref[299]) < TOL
+    logits = h.run([chunk("a", tokens[300:], 300, table)])
+    assert rel_err(logits[0], ref[-1]) < TOL
+
+
+def test_bad_block_table_raises_and_writes_nothing(tiny: Harness) -> None:
+    before = tiny.cache.k.clone()
+    tokens = prompt(tiny.vocab, 20, seed=8)
+    good = chunk("ok", tokens, 0, [5, 6])
+    bad = chunk("bad", tokens, 0, [7, 96])  # block 96 is past the 96-block cache
+    with pytest.raises(PlanError, match="outside the cache"):
+        tiny.run([good, bad])
+    assert torch.equal(before, tiny.cache.k)
+
+
+@pytest.fixture(scope="module")
+def actor():
+    actor = ModelActor("random:tiny", kv_cache_tokens=64 * BS, num_threads=1)
+    yield actor
+
+
+def test_actor_capacity_health_and_name(actor: ModelActor) -> None:
+    cap = actor.capacity()
+    assert cap["num_blocks"] == 64 and cap["block_size"] == BS
+    assert cap["vocab_size"] == 49152 and cap["eos_token_ids"] == [2]
+    assert actor.health()["ok"] is True
+    assert actor_name(3) == "fluidserve-model-3"
+    assert actor.execute(Plan(0, 0, [], BS)).tokens == []
+
+
+def test_actor_rejects_tokens_outside_vocab(actor: ModelActor) -> None:
+    with pytest.raises(PlanError, match="vocabulary"):
+        actor.execute(Plan(0, 1, [chunk("a", [1, 10**6], 0, [0])], BS))
+
+
+def test_actor_results_follow_plan_order_and_skip_unsampled(actor: ModelActor) -> None:
+    pool = BlockPool(64, BS)
+    chunks = []
+    for i, n in enumerate([30, 1, 12]):
+        rid = f"r{i}"
+        pool.reserve(rid, n)
+        chunks.append(ScheduledChunk(rid, prompt(49152, n, i), 0, n, pool.block_table(rid),
+                                     pool.slot_mapping(rid, 0, n), sample=i != 2))
+    result = actor.execute(Plan(0, 7, chunks, BS))
+    assert [t.request_id for t in result.tokens] == ["r0", "r1"]
+    assert result.iteration == 7 and result.step_time_s > 0
+
+
+@pytest.mark.slow
+def test_greedy_default_model_equals_transformers_generate() -> None:
+    from transformers import LlamaForCausalLM
+
+    actor = ModelActor("default", kv_cache_tokens=64 * BS, num_threads=1)
+    tok = actor.tokenizer
+    loaded, _ = load_model("default", "cpu", "float32")
+    hf = LlamaForCausalLM(loaded.hf_config).eval()
+    hf.load_state_dict(loaded.weights, strict=False)
+    questions = ["What is the capital of France?", "Write a haiku about the sea.",
+                 "List three prime numbers."]
+    pool = BlockPool(64, BS)
+    for q_i, question in enumerate(questions):
+        ids = tok.apply_chat_template([{"role": "user", "content": question}],
+                                      add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                              attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        expected = out[0, len(ids):].tolist()
+        rid = f"q{q_i}"
+        seq, got = list(ids), []
+        while len(got) < len(expected):
+            start = 0 if not got else len(seq) - 1
+            pool.reserve(rid, len(seq))
+            c = ScheduledChunk(rid, seq[start:], start, len(seq) - start, pool.block_table(rid),
+                               pool.slot_mapping(rid, start, len(seq)), True,
+                               is_prefill=not got)
+            t = actor.execute(Plan(0, len(got), [c], BS)).tokens[0]
+            got.append(t.token_id)
+            seq.append(t.token_id)
+            if t.finish_reason == "stop":
+                break
+        pool.free(rid)
+        assert got == expected, question
+
+
+def _no_flash_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (none here)"
+    if not flash_attn_available(torch.device("cuda")):
+        return "needs the flash-attn package (not importable)"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_no_flash_reason() is not None, reason=str(_no_flash_reason()))
+def test_flash_attn_matches_sdpa_in_bf16() -> None:
+    flash = Harness("random:tiny", device="cuda", dtype="bfloat16", backend="flash_attn")
+    sdpa = Harness("random:tiny", device="cuda", dtype="bfloat16", backend="sdpa")
+    lengths = [5, 40, 130]
+    tables = shuffled_tables([n + 8 for n in lengths], 96, seed=1)
+    seqs = [prompt(flash.vocab, n, seed=i) for i, n in enumerate(lengths)]
+    for h in (flash, sdpa):
+        h.out = [h.run([chunk(str(i), s[:20], 0, t) for i, (s, t) in enumerate(zip(seqs, tables))]),
+                 h.run([chunk(str(i), s[20:], 20, t) for i, (s, t) in enumerate(zip(seqs, tables))
+                        if len(s) > 20])]
+        decode = [chunk(str(i), [7], len(s), t, is_prefill=False)
+                  for i, (s, t) in enumerate(zip(seqs, tables))]
+        h.out.append(h.run(decode))
+    for a, b in zip(flash.out, sdpa.out):
+        assert rel_err(a, b) < 3e-2
+
+
+def test_sampler_modes_seeds_stops_and_logprobs() -> None:
+    from actors.model.sampler import Sampler, SampleRow
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(eos_token_ids=(int(logits[0].argmax()),))
+    hot = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=7, logprobs=True)
+    rows = [SampleRow("greedy", SamplingParams(), 5), SampleRow("hot", hot, 5),
+            SampleRow("top1", SamplingParams(temperature=2.0, top_k=1), 5),
+            SampleRow("stop", SamplingParams(stop_token_ids=(int(logits[3].argmax()),)), 5)]
+    first = sampler(logits, rows)
+    assert first[0].finish_reason == "stop"  # greedy picked the EOS id
+    assert first[2].token_id == int(logits[2].argmax())  # top_k=1 is greedy at any temperature
+    assert first[3].finish_reason == "stop"
+    assert first[1].logprob == pytest.approx(float(torch.log_softmax(logits[1], -1)[first[1].token_id]))
+    assert first[0].logprob is None
+    # Stateless seeding: same (seed, position) -> same draw; another position -> its own draw.
+    again = sampler(logits, rows)
+    assert [t.token_id for t in again] == [t.token_id for t in first]
+    draws = {sampler(logits[1:2], [SampleRow("hot", hot, p)])[0].token_id for p in range(40)}
+    assert len(draws) > 1
+    top20 = set(torch.topk(logits[1], 20).indices.tolist())
+    assert draws <= top20
+    ignore = SamplingParams(ignore_eos=True)
+    assert sampler(logits[:1], [SampleRow("g", ignore, 0)])[0].finish_reason is None
