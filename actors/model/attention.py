@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from actors.model import cpu_kernels
 from actors.model.batch import SeqSpan, StepBatch
 from kv.cache import KVCache
 
@@ -52,22 +53,36 @@ class DecodeGroupMeta:
 
 
 @dataclass
+class PagedDecodeMeta:
+    """All decodes of the step in one call of the C kernel (cpu_kernels.paged_decode)."""
+    rows: slice
+    tables: torch.Tensor  # [B, max_blocks] int64 block ids (0-padded, never read past lens)
+    lens: torch.Tensor  # [B] int64 context lengths
+
+
+@dataclass
 class SdpaMeta:
     prefills: list[PrefillMeta]
     decode_groups: list[DecodeGroupMeta]
+    paged_decode: PagedDecodeMeta | None = None
 
 
 class SdpaBackend:
     name = "sdpa"
 
-    def __init__(self, max_group_padding: float = 0.15) -> None:
+    def __init__(self, max_group_padding: float = 0.15, paged_kernel: bool = True) -> None:
         # A decode group may waste this fraction of its gathered KV on padding; more groups
         # cost a few extra small calls per layer, more padding costs memory traffic.
         self.max_group_padding = max_group_padding
+        # CPU fp32: decodes go through the C kernel reading the paged cache in place.
+        self.paged_kernel = paged_kernel
 
     def prepare(self, batch: StepBatch, cache: KVCache) -> SdpaMeta:
         dev, bs = batch.input_ids.device, batch.block_size
         prefills = [self._prefill_meta(s, bs, dev) for s in batch.prefills]
+        if batch.decodes and self.paged_kernel and cache.k.device.type == "cpu" \
+                and cache.k.dtype == torch.float32 and cpu_kernels.available():
+            return SdpaMeta(prefills, [], self._paged_decode_meta(batch.decodes))
         groups = [self._group_meta(g, bs, dev) for g in self._group_decodes(batch.decodes, bs)]
         return SdpaMeta(prefills, groups)
 
@@ -79,6 +94,10 @@ class SdpaBackend:
             out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], k_pages, v_pages, p)
         for g in meta.decode_groups:
             out[g.rows] = self._decode(q[g.rows], k_pages, v_pages, g)
+        pd = meta.paged_decode
+        if pd is not None:
+            out[pd.rows] = cpu_kernels.paged_decode(q[pd.rows], k_pages, v_pages, pd.tables,
+                                                    pd.lens, q.shape[-1] ** -0.5)
         return out
 
     # -- prefill ---------------------------------------------------------------------------
@@ -99,13 +118,24 @@ class SdpaBackend:
         if p.blocks is not None:  # continue an earlier prefill: read all its KV from the cache
             k = k_pages.index_select(0, p.blocks).flatten(0, 1)
             v = v_pages.index_select(0, p.blocks).flatten(0, 1)
+        # 4-D [1, heads, T, D]: torch's CPU flash kernel (GQA included) only takes 4-D inputs;
+        # 3-D ones fall back to the unfused math path, 10x slower at a few hundred tokens.
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
             attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=True,
         )
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)
 
     # -- decode ----------------------------------------------------------------------------
+    @staticmethod
+    def _paged_decode_meta(decodes: list[SeqSpan]) -> PagedDecodeMeta:
+        rows = slice(decodes[0].row_start, decodes[-1].row_start + 1)
+        width = max(len(s.block_table) for s in decodes)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
+                               for s in decodes], dtype=torch.long)
+        lens = torch.tensor([s.context_len for s in decodes], dtype=torch.long)
+        return PagedDecodeMeta(rows, tables, lens)
+
     def _group_decodes(self, decodes: list[SeqSpan], bs: int) -> list[list[SeqSpan]]:
         """Cut decodes (ascending context) into runs whose padded KV wastes little."""
         groups: list[list[SeqSpan]] = []

@@ -1,0 +1,89 @@
+"""build_app: the fluidserve Serve application (import path `deploy.app:build_app`).
+
+Two deployments: `Scheduler` (exactly one replica: the central Nested WAIT scheduler, which
+creates the model actors) and `Ingress` (FastAPI, OpenAI API; scale it freely). Both are light:
+fractional CPUs, so that on a small box the model actors get the cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ray import serve
+
+from actors.scheduler_actor import EngineArgs, SchedulerActor
+from deploy.ingress import DEFAULT_MAX_BODY_BYTES, Ingress
+from deploy.tokenizer import served_model_name
+from scheduler.policies import POLICY_NAMES
+
+APP_NAME = "fluidserve"
+# The scheduler multiplexes every request in flight; Serve must never queue in front of it.
+SCHEDULER_MAX_ONGOING = 100_000
+
+
+@dataclasses.dataclass
+class AppArgs:
+    """The `args:` of a serve config (deploy/configs/*.yaml) or of build_app."""
+
+    model: str = "default"
+    policy: str = "nested-wait"
+    policy_args: dict = dataclasses.field(default_factory=dict)
+    num_model_actors: int = 1
+    model_actor_resources: dict = dataclasses.field(default_factory=lambda: {"num_gpus": 0, "num_cpus": 1})
+    kv_cache_memory_fraction: float = 0.9
+    kv_cache_tokens: int = 16384
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    max_queue_len: int = 0
+    dtype: str = "auto"
+    attention: str = "auto"
+    cost_file: str | None = None
+    model_name: str | None = None
+    api_key_env: str | None = "FLUIDSERVE_API_KEY"
+    metrics_api_key_env: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.1
+    scheduler_num_cpus: float = 0.1
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any]) -> "AppArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown fluidserve app args: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        out = cls(**args)
+        if out.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {out.policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
+        if out.num_model_actors < 1:
+            raise ValueError("num_model_actors must be at least 1")
+        return out
+
+    def engine_args(self) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(EngineArgs)}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        values["model_name"] = self.model_name or served_model_name(self.model)
+        return EngineArgs(**values)
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The Serve application; `args` are the config's `args:` (see AppArgs)."""
+    a = AppArgs.from_dict(dict(args or {}))
+    scheduler = serve.deployment(
+        SchedulerActor,
+        name="Scheduler",
+        num_replicas=1,
+        max_ongoing_requests=SCHEDULER_MAX_ONGOING,
+        ray_actor_options={"num_cpus": a.scheduler_num_cpus},
+        health_check_period_s=5,
+    ).bind(a.engine_args())
+    ingress = serve.deployment(
+        Ingress,
+        name="Ingress",
+        num_replicas=a.ingress_replicas,
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": a.ingress_num_cpus},
+    ).bind(scheduler, a.model, a.model_name or served_model_name(a.model), a.api_key_env,
+           a.metrics_api_key_env, a.max_body_bytes)
+    return ingress
