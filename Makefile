@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: install demo test test-fast simulate bench-paper clean
+.PHONY: install demo serve test test-fast bench-paper clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,10 +23,13 @@ demo: install
 	$(BIN)/python -m deploy.demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --timeout 900
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+serve: install
+	$(BIN)/fluidserve serve
 
 bench-paper: install
 	$(BIN)/python -m bench.paper
