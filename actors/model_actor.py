@@ -104,5 +104,9 @@ class ModelActor:
                 "last_step_time_s": self.last_step_time_s, "device": str(self.device),
                 "num_threads": torch.get_num_threads()}
 
+    def pid(self) -> int:
+        """The actor's process id: fault-injection tests SIGKILL it mid-iteration."""
+        return os.getpid()
+
     def get_tokenizer(self) -> Any:
         return self.tokenizer

@@ -35,6 +35,8 @@ logger = logging.getLogger("fluidserve.scheduler")
 
 COST_REFIT_EVERY = 64  # iterations between online refits of the cost model
 COST_WINDOW = 2048  # most recent iterations the fit uses
+STALE_ACTOR_TIMEOUT_S = 60.0  # how long a dead scheduler's model actor may take to go away
+RESTART_PROBE_TIMEOUT_S = 60.0  # one health probe of a restarting model actor (it reloads the model)
 
 
 @dataclass
@@ -114,7 +116,7 @@ class SchedulerActor:
             strategy = pg
         workers = []
         for i in range(a.num_model_actors):
-            _kill_stale(actor_name(i))
+            await _kill_stale(actor_name(i))
             options = dict(
                 name=actor_name(i), namespace=RAY_NAMESPACE, num_cpus=num_cpus, num_gpus=num_gpus,
                 max_restarts=-1, max_task_retries=0, max_concurrency=1,
@@ -191,7 +193,10 @@ class SchedulerActor:
             ignore_eos=bool(request.get("ignore_eos", False)),
             logprobs=bool(request.get("logprobs", False)),
         )
-        max_tokens = request.get("max_tokens") or max(1, self.capacity["max_model_len"] - len(ids))
+        # No max_tokens: up to the context, or the KV cache when that is smaller (else every such
+        # request would be rejected as too long for the cache).
+        limit = min(self.capacity["max_model_len"], self.capacity["kv_capacity_tokens"])
+        max_tokens = request.get("max_tokens") or max(1, limit - len(ids))
         req = Request(rid, len(ids), int(max_tokens), time.monotonic(), prompt_token_ids=ids,
                       sampling=sampling)
         self.core.submit(req, req.arrival_time)
@@ -257,12 +262,15 @@ class SchedulerActor:
         affected = self.core.reset_worker(w, time.monotonic())
         logger.warning("model actor %d died; %d requests will re-prefill", w, len(affected))
         self.metrics.set_worker_up(w, False)
+        # Ray restarts the actor (max_restarts=-1) and it reloads the model; calls made meanwhile
+        # fail or wait, so probe until one answers.
         while True:
             try:
-                await asyncio.wait_for(self.workers[w].health.remote(), timeout=60)
+                await asyncio.wait_for(self.workers[w].health.remote(), timeout=RESTART_PROBE_TIMEOUT_S)
                 break
             except (RayActorError, asyncio.TimeoutError):
                 await asyncio.sleep(0.5)
+        logger.warning("model actor %d is back", w)
         self.metrics.set_worker_up(w, True)
 
     def _fail(self, plan: Plan, message: str) -> None:
@@ -378,9 +386,18 @@ def _merge(items: list) -> dict:
     return {"token_ids": token_ids, "finish_reason": reason, "logprobs": logprobs}
 
 
-def _kill_stale(name: str) -> None:
-    """A model actor left by a previous scheduler replica holds the name: kill it first."""
-    try:
-        ray.kill(ray.get_actor(name, namespace=RAY_NAMESPACE), no_restart=True)
-    except ValueError:
-        pass
+async def _kill_stale(name: str, timeout_s: float = STALE_ACTOR_TIMEOUT_S) -> None:
+    """A model actor left by a previous scheduler replica holds the name: kill it, then wait
+    until the GCS releases the name (ray.kill is asynchronous; creating the new actor before
+    that fails with "name already taken")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            stale = ray.get_actor(name, namespace=RAY_NAMESPACE)
+        except ValueError:
+            return  # the name is free
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the stale model actor {name!r} did not go away in {timeout_s:.0f} s")
+        logger.warning("killing the stale model actor %s left by a previous scheduler", name)
+        ray.kill(stale, no_restart=True)
+        await asyncio.sleep(0.2)

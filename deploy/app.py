@@ -7,6 +7,7 @@ fractional CPUs, so that on a small box the model actors get the cores.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from ray import serve
@@ -70,6 +71,7 @@ class AppArgs:
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The Serve application; `args` are the config's `args:` (see AppArgs)."""
     a = AppArgs.from_dict(dict(args or {}))
+    secrets = _forwarded_secrets(a)
     scheduler = serve.deployment(
         SchedulerActor,
         name="Scheduler",
@@ -83,7 +85,18 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         name="Ingress",
         num_replicas=a.ingress_replicas,
         max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": a.ingress_num_cpus},
+        ray_actor_options={"num_cpus": a.ingress_num_cpus,
+                           **({"runtime_env": {"env_vars": secrets}} if secrets else {})},
     ).bind(scheduler, a.model, a.model_name or served_model_name(a.model), a.api_key_env,
            a.metrics_api_key_env, a.max_body_bytes)
     return ingress
+
+
+def _forwarded_secrets(a: AppArgs) -> dict[str, str]:
+    """The API-key variables named by the config, copied from the environment of the process
+    that builds the app (a K8s secret on the head pod, or the shell running `serve run`) to the
+    Ingress replicas, which may run on nodes without them. The config names variables only:
+    secret values never appear in it. Unset variables are not forwarded (the replica's own
+    environment then decides)."""
+    names = [n for n in (a.api_key_env, a.metrics_api_key_env) if n]
+    return {n: os.environ[n] for n in names if os.environ.get(n)}

@@ -9,6 +9,7 @@ here; the scheduler sees token ids only.
 
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from monitoring.metrics import CONTENT_TYPE
 logger = logging.getLogger("fluidserve.ingress")
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 HEALTH_TIMEOUT_S = 5.0
+SCHEDULER_RETRY_AFTER_S = 5  # what a client is told to wait when the scheduler is restarting
 
 app = FastAPI(title="fluidserve", description="OpenAI-compatible LLM serving with Nested WAIT")
 
@@ -53,12 +55,26 @@ def _chat_lp(lps: list | None) -> dict | None:
 
 
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    # Headers (200) are out already: a failure mid-stream can only be reported in-band, as an
+    # OpenAI-style error event, and the stream still ends cleanly so clients do not hang.
     try:
         async for chunk in chunks:
             yield f"data: {json.dumps(chunk)}\n\n".encode()
     except APIError as exc:
         yield f"data: {json.dumps(exc.body())}\n\n".encode()
+    except Exception as exc:
+        logger.exception("stream failed")
+        err = APIError(500, f"internal error: {type(exc).__name__}", "internal_error")
+        yield f"data: {json.dumps(err.body())}\n\n".encode()
     yield b"data: [DONE]\n\n"
+
+
+def _scheduler_lost(exc: Exception) -> APIError:
+    """The scheduler replica died under a request (Serve restarts it): a clear, retryable 503."""
+    logger.warning("scheduler call failed: %s: %s", type(exc).__name__, exc)
+    return APIError(503, "the scheduler restarted and this request was lost; retry it",
+                    "service_unavailable_error", code="scheduler_unavailable",
+                    headers={"Retry-After": str(SCHEDULER_RETRY_AFTER_S)})
 
 
 @serve.ingress(app)
@@ -70,8 +86,10 @@ class Ingress:
         self.model = model
         self.model_name = model_name or served_model_name(model)
         self.tokenizer = load_tokenizer(model)
-        self.api_key = os.environ.get(api_key_env) if api_key_env else None
-        self.metrics_key = os.environ.get(metrics_api_key_env) if metrics_api_key_env else None
+        # Keys come from the environment only (a K8s secret, or forwarded by build_app), never
+        # from the config; an unset or empty variable leaves that route open.
+        self.api_key = (os.environ.get(api_key_env) or None) if api_key_env else None
+        self.metrics_key = (os.environ.get(metrics_api_key_env) or None) if metrics_api_key_env else None
         self.max_body_bytes = max_body_bytes
         self._info: dict | None = None
 
@@ -131,9 +149,14 @@ class Ingress:
     # -- shared ----------------------------------------------------------------------------------
     @staticmethod
     def _authorize(request: Request, key: str | None) -> None:
-        if key and request.headers.get("authorization", "") != f"Bearer {key}":
+        if not key:
+            return
+        sent = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        # Constant-time comparison: response timing must not reveal how much of a guess matched.
+        if not hmac.compare_digest(sent, f"Bearer {key}".encode()):
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                           "authentication_error", "invalid_api_key")
+                           "authentication_error", "invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
 
     async def _read_json(self, request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -172,7 +195,7 @@ class Ingress:
     async def _completions(self, req: CompletionRequest):
         self._check_model(req.model)
         if isinstance(req.prompt, str):
-            ids = self.tokenizer(req.prompt)["input_ids"]
+            ids = self._tokenize(req.prompt, "prompt")
         else:
             ids = await self._checked_ids(req.prompt)
         max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
@@ -188,8 +211,12 @@ class Ingress:
         self._check_model(req.model)
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                     for m in req.messages]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template rejects this conversation (e.g. role order)
+            raise APIError(400, f"the messages do not fit the model's chat template: {exc}",
+                           param="messages") from None
+        ids = self._tokenize(text, "messages", add_special_tokens=False)
         max_tokens = req.max_completion_tokens or req.max_tokens  # None: up to the context
         gen = self._generate(ids, req, max_tokens, logprobs=req.logprobs)
         rid = new_id("chatcmpl")
@@ -198,6 +225,14 @@ class Ingress:
             return chat_object(rid, self.model_name, text, finish, use, chunk, first, _chat_lp(lp))
 
         return await self._finish(gen, req.stream, build)
+
+    def _tokenize(self, text: str, param: str, **kwargs: Any) -> list[int]:
+        try:
+            # JSON escapes can carry lone surrogates ("\\ud800"), which no tokenizer encodes.
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the text contains invalid unicode (a lone surrogate)", param=param) from None
+        return self.tokenizer(text, **kwargs)["input_ids"]
 
     async def _checked_ids(self, ids: list[int]) -> list[int]:
         vocab = (await self._model_info())["vocab_size"]
@@ -216,7 +251,10 @@ class Ingress:
             "stop_token_ids": req.stop_token_ids or [], "ignore_eos": req.ignore_eos,
             "logprobs": logprobs,
         })
-        first = await stream.__anext__()
+        try:
+            first = await stream.__anext__()
+        except Exception as exc:
+            raise _scheduler_lost(exc) from None
         if "error" in first:
             err = first["error"]
             headers = {"Retry-After": str(max(1, round(err.get("retry_after_s") or 1)))} if err["status"] == 429 else {}
@@ -230,7 +268,13 @@ class Ingress:
         text = TextStream(self.tokenizer, stop)
         count = 0
         try:
-            async for msg in stream:
+            while True:
+                try:
+                    msg = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:
+                    raise _scheduler_lost(exc) from None
                 if msg.get("error"):
                     raise APIError(500, f"generation failed: {msg['error']}", "internal_error")
                 count += len(msg["token_ids"])

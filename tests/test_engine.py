@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from actors.model import cpu_kernels
 from actors.model.attention import SdpaBackend, flash_attn_available, make_backend
 from actors.model.batch import build_batch
 from actors.model.llama import LlamaModel
@@ -144,10 +145,14 @@ def test_hundred_decode_steps_with_mixed_lengths(tiny: Harness) -> None:
         logits = torch.stack([by_id[str(i)] for i in range(len(seqs))])
 
 
-def test_decode_grouping_covers_every_length() -> None:
-    """Widely spread contexts split into several padded groups; none is lost or reordered."""
+@pytest.mark.parametrize("paged_kernel", [False, True], ids=["torch-groups", "c-kernel"])
+def test_decode_grouping_covers_every_length(paged_kernel: bool) -> None:
+    """Widely spread contexts split into several padded groups (torch path) or go through the
+    C paged-decode kernel in one call; none is lost or reordered."""
+    if paged_kernel and not cpu_kernels.available():
+        pytest.skip("the C decode kernel did not build here (no C compiler?)")
     h = Harness("random:tiny", num_blocks=200)
-    h.backend = SdpaBackend(max_group_padding=0.0)
+    h.backend = SdpaBackend(max_group_padding=0.0, paged_kernel=paged_kernel)
     lengths = [2, 15, 16, 17, 33, 80, 81, 200, 513]
     tables = shuffled_tables(lengths, 200, seed=5)
     seqs = [prompt(h.vocab, n, seed=40 + i) for i, n in enumerate(lengths)]

@@ -1,0 +1,364 @@
+"""`fluidserve bench live`: the policies on the live engine, and the simulator's prediction of it.
+
+    fluidserve bench live --policies nested-wait,vllm,sarathi [--trace FILE | --types SPEC]
+        (--rates R1,R2,... | --loads 0.5,0.7,0.9) [--num-requests N] [--model random:tiny|default]
+        [--max-prompt P] [--max-output O] [--out-dir bench/results] [--json]
+
+For each policy the Serve app is (re)deployed on one CPU model actor in one Ray cluster. The cost
+model is calibrated once per model (in-process `actors.calibrate`, one thread like the live
+actor; cached in the out dir) and then corrected for what the live loop adds to every
+iteration -- the Ray round trip, plan building and commit -- by a probe: lone requests decoded
+under a work-conserving policy, whose inter-token gap is exactly one live iteration. A load x is
+x times the calibrated fluid capacity: the fluid load is linear in the rate, so the rate is
+x / (load at 1 request/s). At every rate one `Arrival` list (same seed) goes both to the load
+generator and to the simulator, which runs the same policy with the corrected cost model and the
+live KV capacity, and without a workload hint (the live scheduler has none either).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from bench import serve as loadgen
+from scheduler import fluid
+from scheduler.cost import CostModel
+from scheduler.experiment import build_workload, run_policy
+from scheduler.policies import POLICY_NAMES, WorkloadHint
+from scheduler.simulate import LATENCY_KEYS
+from scheduler.workload import DEFAULT_TRACE, Arrival
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+THRESHOLD_POLICIES = ("nested-wait", "wait")
+COMPARED_KEYS = ("throughput_tok_s", *LATENCY_KEYS, "completed", "submitted")
+PROBE_REQUESTS = 3
+PROBE_PROMPT, PROBE_OUTPUT = 32, 40
+
+# deploy(app_args) -> base URL of the running app (deploy.local.start, or a test fixture).
+Deployer = Callable[[dict], str]
+
+
+@dataclass
+class LiveConfig:
+    policies: list[str]
+    rates: list[float] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)
+    trace: str | None = None
+    types: str | None = None
+    num_requests: int = 40
+    seed: int = 0
+    model: str = "default"
+    max_prompt: int = loadgen.DEFAULT_MAX_PROMPT
+    max_output: int = loadgen.DEFAULT_MAX_OUTPUT
+    kv_cache_tokens: int = 16384
+    cost_file: str | None = None  # a calibration to reuse (compute only; the probe adds dispatch)
+    recalibrate: bool = False
+    out_dir: Path = RESULTS_DIR
+    port: int = 8000
+    progress: bool = True
+
+
+# --- calibration ---------------------------------------------------------------------------------
+
+
+def model_slug(model: str) -> str:
+    return model.replace(":", "-").replace("/", "_")
+
+
+def calibrate_compute(config: LiveConfig) -> CostModel:
+    """The engine's own step time, fitted in-process on one thread (cached per model)."""
+    path = Path(config.cost_file) if config.cost_file else config.out_dir / f"cost-{model_slug(config.model)}.json"
+    if path.is_file() and not config.recalibrate:
+        return CostModel.load(path)
+    from actors.calibrate import calibrate
+    from actors.model_actor import ModelActor
+
+    actor = ModelActor(config.model, kv_cache_tokens=config.kv_cache_tokens, num_threads=1)
+    fitted = calibrate(actor, quick=True)
+    del actor
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fitted.model.save(path)
+    _log(config, f"calibrated {config.model}: d0={fitted.model.d0 * 1e3:.2f} ms "
+                 f"d_tok={fitted.model.d_tok * 1e6:.1f} us d_kv={fitted.model.d_kv * 1e9:.1f} ns "
+                 f"R^2={fitted.r2:.3f} -> {path}")
+    return fitted.model
+
+
+def probe_overhead(url: str, cost: CostModel) -> float:
+    """Seconds the live loop adds to each iteration: the median inter-token gap of lone decodes
+    minus the cost model's decode time. Run under a work-conserving policy (no idling)."""
+    gaps: list[float] = []
+    for i in range(PROBE_REQUESTS):
+        arrival = Arrival(0.0, PROBE_PROMPT, PROBE_OUTPUT)
+        outcome = loadgen.run_sync(url, [arrival], index_base=10_000 + i)[0]
+        times = outcome.chunk_times
+        gaps += [b - a for a, b in zip(times[1:], times[2:])]  # decodes only
+    if not gaps:
+        return 0.0
+    context = PROBE_PROMPT + PROBE_OUTPUT / 2
+    return max(0.0, statistics.median(gaps) - cost.iteration_time(1, int(context)))
+
+
+def live_capacity() -> dict:
+    """The running app's model actor capacity (KV tokens, block size), via its Serve handle."""
+    from ray import serve
+
+    return serve.get_deployment_handle("Scheduler", app_name="fluidserve").info.remote().result()
+
+
+# --- workload and loads --------------------------------------------------------------------------
+
+
+def arrivals_at(config: LiveConfig, rate: float) -> list[Arrival]:
+    """The one arrival list of a rate, for the load generator and the simulator alike."""
+    trace = None if config.types else (config.trace or str(DEFAULT_TRACE))
+    arrivals = build_workload(config.types, trace, rate, config.num_requests, config.seed)
+    return loadgen.clip(arrivals, config.max_prompt, config.max_output)
+
+
+def load_per_rate(arrivals: list[Arrival], cost: CostModel) -> float:
+    """The fluid load of 1 request/s with these requests' lengths (load is linear in the rate)."""
+    prompt = sum(a.prompt_len for a in arrivals) / len(arrivals)
+    types = fluid.types_from_sample([a.output_len for a in arrivals], 1.0, prompt)
+    return fluid.solve(types, cost).load
+
+
+def rate_plan(config: LiveConfig, cost: CostModel) -> list[tuple[float, float]]:
+    """(rate, load) pairs, from --rates or from --loads of the calibrated capacity."""
+    per_rate = load_per_rate(arrivals_at(config, 1.0), cost)
+    if config.rates:
+        return [(r, r * per_rate) for r in config.rates]
+    return [(x / per_rate, x) for x in config.loads]
+
+
+# --- one policy ----------------------------------------------------------------------------------
+
+
+def app_args(config: LiveConfig, policy: str, cost_file: Path | None) -> dict:
+    return {
+        "model": config.model,
+        "policy": policy,
+        "num_model_actors": 1,
+        "model_actor_resources": {"num_cpus": 1, "num_gpus": 0},
+        "kv_cache_tokens": config.kv_cache_tokens,
+        "cost_file": str(cost_file) if cost_file else None,
+    }
+
+
+def simulate(policy: str, arrivals: list[Arrival], cost: CostModel) -> dict:
+    out = run_policy(policy, arrivals, cost, hint=WorkloadHint())
+    return {k: out[k] for k in (*COMPARED_KEYS, "evictions", "guard_fires")}
+
+
+def relative(sim: float, live: float) -> float:
+    return abs(sim - live) / live if live > 0 and math.isfinite(live) else math.inf
+
+
+def sim_error(live: dict, sim: dict) -> float:
+    """The larger relative error of the simulated mean latency and throughput against live."""
+    return max(relative(sim["latency_mean_s"], live["latency_mean_s"]),
+               relative(sim["throughput_tok_s"], live["throughput_tok_s"]))
+
+
+def run_policy_live(config: LiveConfig, policy: str, url: str, cost: CostModel,
+                    plan: list[tuple[float, float]]) -> list[dict]:
+    runs = []
+    for rate, load in plan:
+        arrivals = arrivals_at(config, rate)
+        _log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests")
+        live = loadgen.report(loadgen.run_sync(url, arrivals, progress=config.progress))
+        sim = simulate(policy, arrivals, cost)
+        runs.append({"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim,
+                     "sim_error": sim_error(live, sim)})
+        _log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
+                     f"sim mean {sim['latency_mean_s']:.2f}s {sim['throughput_tok_s']:.1f} tok/s | "
+                     f"error {runs[-1]['sim_error']:.0%}")
+    return runs
+
+
+# --- the whole comparison ------------------------------------------------------------------------
+
+
+def local_deployer(port: int) -> Deployer:
+    from deploy.local import start
+
+    return lambda args: start(args, port=port)
+
+
+def run(config: LiveConfig, deploy: Deployer | None = None) -> dict:
+    """Every policy at every rate, live and simulated. `deploy` (re)deploys the app."""
+    deploy = deploy or local_deployer(config.port)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    compute = calibrate_compute(config)
+    live_cost_file = config.out_dir / f"cost-{model_slug(config.model)}-live.json"
+    # Work-conserving policies first: the probe must not see a threshold policy's idling.
+    order = sorted(config.policies, key=lambda p: p in THRESHOLD_POLICIES)
+    cost: CostModel | None = None
+    results: dict[str, list[dict]] = {}
+    for policy in order:
+        if cost is None:
+            probe_policy = policy if policy not in THRESHOLD_POLICIES else "vllm"
+            url = deploy(app_args(config, probe_policy, None))
+            cost = _live_cost(config, url, compute, live_cost_file)
+            plan = rate_plan(config, cost)
+            if probe_policy != policy:
+                url = deploy(app_args(config, policy, live_cost_file))
+        else:
+            url = deploy(app_args(config, policy, live_cost_file))
+        results[policy] = run_policy_live(config, policy, url, cost, plan)
+    runs = [r for p in config.policies for r in results[p]]
+    return {"model": config.model, "cost": asdict(cost), "compute_cost": asdict(compute),
+            "num_requests": config.num_requests, "max_prompt": config.max_prompt,
+            "max_output": config.max_output, "runs": runs}
+
+
+def _live_cost(config: LiveConfig, url: str, compute: CostModel, path: Path) -> CostModel:
+    """The compute cost plus the probed per-iteration overhead, with the live KV capacity."""
+    overhead = probe_overhead(url, compute)
+    cap = live_capacity()
+    cost = replace(compute, d0=compute.d0 + overhead, kv_capacity_tokens=cap["kv_capacity_tokens"],
+                   block_size=cap["block_size"], name=f"{compute.name}+live")
+    cost.save(path)
+    _log(config, f"live overhead per iteration {overhead * 1e3:.1f} ms -> d0 {cost.d0 * 1e3:.1f} ms; "
+                 f"KV {cost.kv_capacity_tokens} tokens")
+    return cost
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+
+def write_results(out: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "live.json").write_text(json.dumps(out, indent=1) + "\n")
+    (out_dir / "live.md").write_text(markdown(out))
+    plot(out["runs"], out_dir / "live_latency.png")
+
+
+def markdown(out: dict) -> str:
+    c = out["cost"]
+    lines = [
+        f"Live vs simulated, model `{out['model']}`, {out['num_requests']} requests per run, "
+        f"prompts <= {out['max_prompt']}, outputs <= {out['max_output']} tokens; cost model "
+        f"d0={c['d0'] * 1e3:.1f} ms d_tok={c['d_tok'] * 1e6:.0f} us d_kv={c['d_kv'] * 1e9:.0f} ns, "
+        f"KV {c['kv_capacity_tokens']} tokens.",
+        "",
+        "| policy | rate (req/s) | load | live mean (s) | sim mean (s) | live p90 (s) | sim p90 (s) "
+        "| live TTFT (s) | sim TTFT (s) | live tok/s | sim tok/s | done | sim error |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in out["runs"]:
+        lv, sm = r["live"], r["sim"]
+        lines.append(
+            f"| {r['policy']} | {r['rate']:.3g} | {r['load']:.2f} | {lv['latency_mean_s']:.2f} | "
+            f"{sm['latency_mean_s']:.2f} | {lv['latency_p90_s']:.2f} | {sm['latency_p90_s']:.2f} | "
+            f"{lv['ttft_mean_s']:.2f} | {sm['ttft_mean_s']:.2f} | {lv['throughput_tok_s']:.1f} | "
+            f"{sm['throughput_tok_s']:.1f} | {lv['completed']}/{lv['submitted']} | {r['sim_error']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, policy in enumerate(dict.fromkeys(r["policy"] for r in runs)):
+        mine = sorted((r for r in runs if r["policy"] == policy), key=lambda r: r["rate"])
+        rates = [r["rate"] for r in mine]
+        color = f"C{i}"
+        for ax, key, label in ((axes[0], "latency_mean_s", "mean latency (s)"),
+                               (axes[1], "ttft_mean_s", "mean TTFT (s)")):
+            ax.plot(rates, [r["live"][key] for r in mine], "o-", color=color, label=f"{policy} live")
+            ax.plot(rates, [r["sim"][key] for r in mine], "x--", color=color, label=f"{policy} sim")
+            ax.set_xlabel("arrival rate (req/s)")
+            ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("fluidserve: live engine vs simulator (same arrivals)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    values = [float(x) for x in text.split(",") if x.strip()]
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers R1,R2,..., got {text!r}")
+    return values
+
+
+def _policies(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in POLICY_NAMES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fluidserve bench live", description=__doc__.splitlines()[0])
+    p.add_argument("--policies", type=_policies, default=["nested-wait", "vllm", "sarathi"])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--trace", help=f"CSV trace (default: {DEFAULT_TRACE.name})")
+    src.add_argument("--types", help="synthetic prompt:output[:share],...")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rates", type=_floats, help="requests/s, e.g. 0.5,1,2")
+    how.add_argument("--loads", type=_floats, help="fractions of the calibrated fluid capacity")
+    p.add_argument("--num-requests", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="default", help="default | random:tiny | ...")
+    p.add_argument("--max-prompt", type=int, default=loadgen.DEFAULT_MAX_PROMPT)
+    p.add_argument("--max-output", type=int, default=loadgen.DEFAULT_MAX_OUTPUT)
+    p.add_argument("--kv-cache-tokens", type=int, default=16384)
+    p.add_argument("--cost-file", help="reuse this compute calibration (else cached in --out-dir)")
+    p.add_argument("--recalibrate", action="store_true")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--json", action="store_true", help="print {\"runs\": [...]} as the last line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = LiveConfig(
+        policies=args.policies, rates=args.rates or [], loads=args.loads or [], trace=args.trace,
+        types=args.types, num_requests=args.num_requests, seed=args.seed, model=args.model,
+        max_prompt=args.max_prompt, max_output=args.max_output, kv_cache_tokens=args.kv_cache_tokens,
+        cost_file=args.cost_file, recalibrate=args.recalibrate, out_dir=args.out_dir, port=args.port,
+        progress=sys.stderr.isatty(),
+    )
+    started = time.monotonic()
+    try:
+        out = run(config)
+    finally:
+        _stop_local()
+    out["wall_s"] = time.monotonic() - started
+    write_results(out, config.out_dir)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(markdown(out))
+    return 0
+
+
+def _stop_local() -> None:
+    from deploy.local import stop
+
+    stop()
+
+
+def _log(config: LiveConfig, message: str) -> None:
+    print(f"[bench live] {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
