@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from actors.model_actor import ModelActor
 from scheduler.core import SchedulerCore
+from scheduler.cost import OnlineCostFit
 from scheduler.policies import PolicyConfig, make_policy
 from scheduler.request import Request, SamplingParams
 
@@ -35,6 +36,7 @@ class LocalEngine:
         self.core = SchedulerCore(policy_obj, cap["num_blocks"], cap["block_size"],
                                   max_model_len=cap["max_model_len"])
         self._next_id = 0
+        self.cost_fit = OnlineCostFit(kv_capacity_tokens=cap["kv_capacity_tokens"], block_size=cap["block_size"])
 
     def generate(self, prompts: list[list[int]], max_tokens: int,
                  sampling: SamplingParams | None = None) -> list[Completion]:
@@ -57,6 +59,9 @@ class LocalEngine:
                 time.sleep(max(0.0, (wake or now + 1e-3) - now))
                 continue
             result = self.actor.execute(plan)
+            model = self.cost_fit.observe(plan.num_new_tokens, plan.num_attended_kv, result.step_time_s)
+            if model is not None and hasattr(self.core.policy, "set_cost"):
+                self.core.policy.set_cost(model)
             for ev in self.core.commit(plan, result, time.monotonic()):
                 if ev.finish_reason:
                     r = ev.request

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.model_actor import RAY_NAMESPACE, ModelActor, actor_name
 from monitoring.metrics import ServingMetrics
 from scheduler.core import SchedulerCore, TokenEvent
-from scheduler.cost import CostModel, fit
+from scheduler.cost import CostModel, OnlineCostFit
 from scheduler.errors import QueueFull, SchedulingError
 from scheduler.plan import Plan
 from scheduler.policies import PolicyConfig, make_policy
@@ -71,7 +71,6 @@ class SchedulerActor:
         self.streams: dict[str, asyncio.Queue] = {}
         self._wakeups: list[asyncio.Event] = []
         self._loops: list[asyncio.Task] = []
-        self._cost_samples: list[tuple[int, int, float]] = []
         self._ready = asyncio.Event()
         self._start_error: str | None = None
         self._start_task: asyncio.Task | None = None
@@ -91,6 +90,8 @@ class SchedulerActor:
             caps = await asyncio.gather(*(w.capacity.remote() for w in self.workers))
             self.capacity = caps[0]
             self.core = self._build_core(caps)
+            pool = self.core.workers[0].pool
+            self._cost_fit = OnlineCostFit(kv_capacity_tokens=pool.capacity_tokens, block_size=pool.block_size)
             for i in range(len(self.workers)):
                 self._wakeups.append(asyncio.Event())
                 self.metrics.set_worker_up(i, True)
@@ -307,15 +308,9 @@ class SchedulerActor:
 
     def _learn_cost(self, plan: Plan, result) -> None:
         """Fit the iteration-time model online, so thresholds follow the real engine."""
-        self._cost_samples.append((plan.num_new_tokens, plan.num_attended_kv, result.step_time_s))
-        if len(self._cost_samples) % COST_REFIT_EVERY or len(self._cost_samples) < COST_REFIT_EVERY:
-            return
-        self._cost_samples = self._cost_samples[-COST_WINDOW:]
-        pool = self.core.workers[0].pool
-        fitted = fit(self._cost_samples, kv_capacity_tokens=pool.capacity_tokens, block_size=pool.block_size,
-                     name="online")
-        if fitted.r2 > 0.5 and fitted.model.d0 > 0 and hasattr(self.core.policy, "set_cost"):
-            self.core.policy.set_cost(fitted.model)
+        model = self._cost_fit.observe(plan.num_new_tokens, plan.num_attended_kv, result.step_time_s)
+        if model is not None and hasattr(self.core.policy, "set_cost"):
+            self.core.policy.set_cost(model)
 
     # -- what the ingress asks -----------------------------------------------------------------------
     async def info(self) -> dict:

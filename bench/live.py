@@ -5,14 +5,16 @@
         [--max-prompt P] [--max-output O] [--out-dir bench/results] [--json]
 
 For each policy the Serve app is (re)deployed on one CPU model actor in one Ray cluster. The cost
-model is calibrated once per model (in-process `actors.calibrate`, one thread like the live
-actor; cached in the out dir) and then corrected for what the live loop adds to every
-iteration -- the Ray round trip, plan building and commit -- by a probe: lone requests decoded
-under a work-conserving policy, whose inter-token gap is exactly one live iteration. A load x is
-x times the calibrated fluid capacity: the fluid load is linear in the rate, so the rate is
-x / (load at 1 request/s). At every rate one `Arrival` list (same seed) goes both to the load
-generator and to the simulator, which runs the same policy with the corrected cost model and the
-live KV capacity, and without a workload hint (the live scheduler has none either).
+model is fitted to the live system itself, once per model (cached in the out dir): lone prefills
+and lockstep decode batches sent through the API under a work-conserving policy, timed at the
+client, so d0 and d_tok include what the live loop adds to every iteration (the Ray round trip,
+plan and commit, streaming every token through the ingress on the same CPU cores as the model).
+An in-process calibration (`actors.calibrate`) misses all of that and underpredicts latency by
+2-3x on a 2-core box. A load x is x times the calibrated fluid capacity: the fluid load is linear
+in the rate, so the rate is x / (load at 1 request/s). At every rate one `Arrival` list (same
+seed) goes both to the load generator and to the simulator, which runs the same policy with the
+same cost model (also given to the live app's policy) and the live KV capacity, and without a
+workload hint (the live scheduler has none either).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from bench import serve as loadgen
 from scheduler import fluid
-from scheduler.cost import CostModel
+from scheduler.cost import CostModel, Fit, fit
 from scheduler.experiment import build_workload, run_policy
 from scheduler.policies import POLICY_NAMES, WorkloadHint
 from scheduler.simulate import LATENCY_KEYS
@@ -37,8 +39,12 @@ from scheduler.workload import DEFAULT_TRACE, Arrival
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 THRESHOLD_POLICIES = ("nested-wait", "wait")
 COMPARED_KEYS = ("throughput_tok_s", *LATENCY_KEYS, "completed", "submitted")
-PROBE_REQUESTS = 3
-PROBE_PROMPT, PROBE_OUTPUT = 32, 40
+# Live calibration probes: lone prefills of these prompt lengths, lockstep decode batches of these
+# sizes (prompt PROBE_PROMPT, PROBE_OUTPUT tokens each), PROBE_REPEATS times each.
+PREFILL_PROBES = (16, 64, 256)
+DECODE_PROBES = (1, 8, 32)
+PROBE_PROMPT, PROBE_OUTPUT = 32, 16
+PROBE_REPEATS = 2
 
 # deploy(app_args) -> base URL of the running app (deploy.local.start, or a test fixture).
 Deployer = Callable[[dict], str]
@@ -57,7 +63,7 @@ class LiveConfig:
     max_prompt: int = loadgen.DEFAULT_MAX_PROMPT
     max_output: int = loadgen.DEFAULT_MAX_OUTPUT
     kv_cache_tokens: int = 16384
-    cost_file: str | None = None  # a calibration to reuse (compute only; the probe adds dispatch)
+    cost_file: str | None = None  # a live calibration to reuse (default: cached in out_dir)
     recalibrate: bool = False
     out_dir: Path = RESULTS_DIR
     port: int = 8000
@@ -71,38 +77,49 @@ def model_slug(model: str) -> str:
     return model.replace(":", "-").replace("/", "_")
 
 
-def calibrate_compute(config: LiveConfig) -> CostModel:
-    """The engine's own step time, fitted in-process on one thread (cached per model)."""
-    path = Path(config.cost_file) if config.cost_file else config.out_dir / f"cost-{model_slug(config.model)}.json"
-    if path.is_file() and not config.recalibrate:
-        return CostModel.load(path)
-    from actors.calibrate import calibrate
-    from actors.model_actor import ModelActor
-
-    actor = ModelActor(config.model, kv_cache_tokens=config.kv_cache_tokens, num_threads=1)
-    fitted = calibrate(actor, quick=True)
-    del actor
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fitted.model.save(path)
-    _log(config, f"calibrated {config.model}: d0={fitted.model.d0 * 1e3:.2f} ms "
-                 f"d_tok={fitted.model.d_tok * 1e6:.1f} us d_kv={fitted.model.d_kv * 1e9:.1f} ns "
-                 f"R^2={fitted.r2:.3f} -> {path}")
-    return fitted.model
+def _lone_ttft(url: str, prompt_len: int, index: int) -> float:
+    o = loadgen.run_sync(url, [Arrival(0.0, prompt_len, 2)], index_base=index)[0]
+    if not o.ok:
+        raise RuntimeError(f"calibration request failed: {o.error}")
+    return o.first_token - o.sent
 
 
-def probe_overhead(url: str, cost: CostModel) -> float:
-    """Seconds the live loop adds to each iteration: the median inter-token gap of lone decodes
-    minus the cost model's decode time. Run under a work-conserving policy (no idling)."""
-    gaps: list[float] = []
-    for i in range(PROBE_REQUESTS):
-        arrival = Arrival(0.0, PROBE_PROMPT, PROBE_OUTPUT)
-        outcome = loadgen.run_sync(url, [arrival], index_base=10_000 + i)[0]
-        times = outcome.chunk_times
-        gaps += [b - a for a, b in zip(times[1:], times[2:])]  # decodes only
-    if not gaps:
-        return 0.0
-    context = PROBE_PROMPT + PROBE_OUTPUT / 2
-    return max(0.0, statistics.median(gaps) - cost.iteration_time(1, int(context)))
+def _decode_step(url: str, batch: int, index: int) -> tuple[int, int, float]:
+    """`batch` identical requests at once: they prefill together, then decode in lockstep, so
+    their time per output token is one live iteration of `batch` decodes."""
+    arrivals = [Arrival(0.0, PROBE_PROMPT, PROBE_OUTPUT)] * batch
+    outs = loadgen.run_sync(url, arrivals, index_base=index)
+    bad = [o.error for o in outs if not o.ok]
+    if bad:
+        raise RuntimeError(f"calibration request failed: {bad[0]}")
+    tpot = statistics.median((o.end - o.first_token) / (o.tokens - 1) for o in outs)
+    context = PROBE_PROMPT + PROBE_OUTPUT // 2
+    return batch, batch * context, tpot
+
+
+def calibrate_live(url: str, config: LiveConfig) -> Fit:
+    """Fit the cost model to what the live system does per iteration, end to end: lone prefills
+    (time to first token) and lockstep decode batches (time per output token), measured through
+    the API under a work-conserving policy. So d0 holds the Ray round trip, plan and commit, and
+    d_tok the per-token streaming work that shares the CPU with the model."""
+    cap = live_capacity()
+    samples: list[tuple[int, int, float]] = []
+    index = 100_000
+    for prompt in sorted({min(p, config.max_prompt) for p in PREFILL_PROBES}):
+        for _ in range(PROBE_REPEATS):
+            index += 1
+            samples.append((prompt, 0, _lone_ttft(url, prompt, index)))
+    for batch in DECODE_PROBES:
+        for _ in range(PROBE_REPEATS):
+            index += batch
+            samples.append(_decode_step(url, batch, index))
+    fitted = fit(samples, kv_capacity_tokens=cap["kv_capacity_tokens"], block_size=cap["block_size"],
+                 name=f"{config.model}@live")
+    m = fitted.model
+    _log(config, f"live calibration of {config.model}: d0={m.d0 * 1e3:.1f} ms d_tok={m.d_tok * 1e6:.0f} us "
+                 f"d_kv={m.d_kv * 1e9:.0f} ns R^2={fitted.r2:.3f} over {fitted.num_samples} probes; "
+                 f"KV {m.kv_capacity_tokens} tokens")
+    return fitted
 
 
 def live_capacity() -> dict:
@@ -141,13 +158,14 @@ def rate_plan(config: LiveConfig, cost: CostModel) -> list[tuple[float, float]]:
 
 
 def app_args(config: LiveConfig, policy: str, cost_file: Path | None) -> dict:
+    """The app of one policy; only threshold policies read a cost model."""
     return {
         "model": config.model,
         "policy": policy,
         "num_model_actors": 1,
         "model_actor_resources": {"num_cpus": 1, "num_gpus": 0},
         "kv_cache_tokens": config.kv_cache_tokens,
-        "cost_file": str(cost_file) if cost_file else None,
+        "cost_file": str(cost_file) if cost_file and policy in THRESHOLD_POLICIES else None,
     }
 
 
@@ -186,48 +204,42 @@ def run_policy_live(config: LiveConfig, policy: str, url: str, cost: CostModel,
 
 
 def local_deployer(port: int) -> Deployer:
+    """deploy.local.start on `port`, redeploying only when the app args change."""
     from deploy.local import start
 
-    return lambda args: start(args, port=port)
+    current: dict = {}
+
+    def deploy(args: dict) -> str:
+        if current.get("args") != args:
+            current["url"], current["args"] = start(args, port=port), args
+        return current["url"]
+
+    return deploy
 
 
 def run(config: LiveConfig, deploy: Deployer | None = None) -> dict:
     """Every policy at every rate, live and simulated. `deploy` (re)deploys the app."""
     deploy = deploy or local_deployer(config.port)
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    compute = calibrate_compute(config)
-    live_cost_file = config.out_dir / f"cost-{model_slug(config.model)}-live.json"
-    # Work-conserving policies first: the probe must not see a threshold policy's idling.
+    cost_file = Path(config.cost_file) if config.cost_file else \
+        config.out_dir / f"cost-{model_slug(config.model)}-live.json"
+    cost = CostModel.load(cost_file) if cost_file.is_file() and not config.recalibrate else None
+    r2 = None
+    # Work-conserving policies first: a calibration must not see a threshold policy's idling.
     order = sorted(config.policies, key=lambda p: p in THRESHOLD_POLICIES)
-    cost: CostModel | None = None
     results: dict[str, list[dict]] = {}
     for policy in order:
         if cost is None:
-            probe_policy = policy if policy not in THRESHOLD_POLICIES else "vllm"
-            url = deploy(app_args(config, probe_policy, None))
-            cost = _live_cost(config, url, compute, live_cost_file)
-            plan = rate_plan(config, cost)
-            if probe_policy != policy:
-                url = deploy(app_args(config, policy, live_cost_file))
-        else:
-            url = deploy(app_args(config, policy, live_cost_file))
-        results[policy] = run_policy_live(config, policy, url, cost, plan)
+            first = policy if policy not in THRESHOLD_POLICIES else "vllm"
+            fitted = calibrate_live(deploy(app_args(config, first, None)), config)
+            cost, r2 = fitted.model, fitted.r2
+            cost.save(cost_file)
+        url = deploy(app_args(config, policy, cost_file))
+        results[policy] = run_policy_live(config, policy, url, cost, rate_plan(config, cost))
     runs = [r for p in config.policies for r in results[p]]
-    return {"model": config.model, "cost": asdict(cost), "compute_cost": asdict(compute),
+    return {"model": config.model, "cost": asdict(cost), "cost_r2": r2, "cost_file": str(cost_file),
             "num_requests": config.num_requests, "max_prompt": config.max_prompt,
             "max_output": config.max_output, "runs": runs}
-
-
-def _live_cost(config: LiveConfig, url: str, compute: CostModel, path: Path) -> CostModel:
-    """The compute cost plus the probed per-iteration overhead, with the live KV capacity."""
-    overhead = probe_overhead(url, compute)
-    cap = live_capacity()
-    cost = replace(compute, d0=compute.d0 + overhead, kv_capacity_tokens=cap["kv_capacity_tokens"],
-                   block_size=cap["block_size"], name=f"{compute.name}+live")
-    cost.save(path)
-    _log(config, f"live overhead per iteration {overhead * 1e3:.1f} ms -> d0 {cost.d0 * 1e3:.1f} ms; "
-                 f"KV {cost.kv_capacity_tokens} tokens")
-    return cost
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -319,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt", type=int, default=loadgen.DEFAULT_MAX_PROMPT)
     p.add_argument("--max-output", type=int, default=loadgen.DEFAULT_MAX_OUTPUT)
     p.add_argument("--kv-cache-tokens", type=int, default=16384)
-    p.add_argument("--cost-file", help="reuse this compute calibration (else cached in --out-dir)")
+    p.add_argument("--cost-file", help="reuse this live calibration (default: cached in --out-dir)")
     p.add_argument("--recalibrate", action="store_true")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--port", type=int, default=8000)

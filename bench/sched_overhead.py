@@ -8,15 +8,19 @@ executor is instant (every sampled token comes back at once), the queue is kept 
 1k / 10k waiting requests (LMSYS lengths), and the clock advances by the nominal iteration time,
 so the policies see a real-looking arrival stream. Reported: mean and p90 microseconds per
 iteration after a warm-up that fills the batch, and the mean's share of a 20 ms CPU iteration, a
-10 ms A100 iteration (Llama-2-7B, d0 ~ 8 ms) and, when a calibration is cached, its d0.
+10 ms A100 iteration (Llama-2-7B, d0 ~ 8 ms), the calibrated live CPU d0 when cached, and the
+A100 cost model's time for the very batch planned ("own batch": a 256-request decode batch takes
+far longer than 10 ms). Times are this thread's CPU time (the host is shared); wall time too.
 """
 from __future__ import annotations
 
 import argparse
+import warnings
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
@@ -31,6 +35,14 @@ from scheduler.workload import DEFAULT_TRACE, Arrival, read_trace, trace_workloa
 ITERATION_S = {"cpu_20ms": 0.020, "a100_10ms": 0.010}
 TARGET_SHARE = 0.05
 CALIBRATION = Path(__file__).resolve().parent / "results" / "cost-default-live.json"
+
+
+@dataclass(frozen=True)
+class Sample:
+    wall_s: float  # plan + commit, wall clock
+    cpu_s: float  # the same in this thread's CPU time (robust to a shared, busy host)
+    batch: int
+    modelled_s: float  # the cost model's time for this very batch (the A100 preset)
 
 
 class Bench:
@@ -56,39 +68,42 @@ class Bench:
                           prompt_token_ids=[100] * a.prompt_len, output_len=a.output_len)
             self.core.submit(req, self.now)
 
-    def step(self, dt: float) -> tuple[float, int] | None:
-        """One timed plan + commit; (seconds, batch size), or None if the policy idled."""
+    def step(self, dt: float, cost: CostModel) -> Sample | None:
+        """One timed plan + commit, or None if the policy idled."""
         self.top_up()
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.thread_time()
         plan = self.core.plan(0, self.now)
         if plan is None:
             self.now = max(self.now + dt, self.core.next_wake(0) or 0.0)
             return None
         result = StepResult(0, plan.iteration, [TokenResult(c.request_id, 7) for c in plan.chunks if c.sample])
         self.core.commit(plan, result, self.now + dt)
-        elapsed = time.perf_counter() - start
+        sample = Sample(time.perf_counter() - wall, time.thread_time() - cpu, len(plan.chunks),
+                        cost.iteration_time(plan.num_new_tokens, plan.num_attended_kv))
         self.now += dt
-        return elapsed, len(plan.chunks)
+        return sample
 
 
 def measure(policy: str, waiting: int, cost: CostModel, iterations: int, warmup: int) -> dict:
     # Arrivals at roughly the capacity of the A100 preset (~30 req/s of LMSYS lengths).
     bench = Bench(policy, waiting, cost, rate=30.0)
-    times, batches = [], []
+    samples: list[Sample] = []
     dt = ITERATION_S["a100_10ms"]
     steps = 0
-    while len(times) < iterations and steps < 50 * (iterations + warmup):
+    while len(samples) < iterations and steps < 50 * (iterations + warmup):
         steps += 1
-        out = bench.step(dt)
-        if out is None or steps <= warmup:
-            continue
-        times.append(out[0])
-        batches.append(out[1])
-    mean = statistics.fmean(times) if times else float("nan")
+        out = bench.step(dt, cost)
+        if out is not None and steps > warmup:
+            samples.append(out)
+    cpu = [s.cpu_s for s in samples]
+    mean_cpu = statistics.fmean(cpu)
     return {
-        "policy": policy, "waiting": waiting, "iterations": len(times),
-        "mean_us": mean * 1e6, "p90_us": _p90(times) * 1e6,
-        "mean_batch": statistics.fmean(batches) if batches else 0.0,
+        "policy": policy, "waiting": waiting, "iterations": len(samples),
+        "mean_us": mean_cpu * 1e6, "p90_us": _p90(cpu) * 1e6,
+        "wall_mean_us": statistics.fmean(s.wall_s for s in samples) * 1e6,
+        "mean_batch": statistics.fmean(s.batch for s in samples),
+        "us_per_request": mean_cpu * 1e6 / max(1e-9, statistics.fmean(s.batch for s in samples)),
+        "share_own_batch_a100": mean_cpu / statistics.fmean(s.modelled_s for s in samples),
     }
 
 
@@ -109,12 +124,14 @@ def budgets() -> dict[str, float]:
 
 def print_table(rows: list[dict], budget: dict[str, float]) -> None:
     names = list(budget)
-    head = f"{'policy':<12} {'waiting':>8} {'batch':>6} {'mean us':>9} {'p90 us':>9} " + \
-        " ".join(f"{'% of ' + n:>18}" for n in names)
+    head = f"{'policy':<12} {'waiting':>8} {'batch':>6} {'cpu us':>8} {'p90 us':>8} {'wall us':>8} " \
+        f"{'us/req':>7} " + " ".join(f"{'% of ' + n:>18}" for n in names) + f" {'% of own batch':>15}"
     print(head)
     for r in rows:
-        print(f"{r['policy']:<12} {r['waiting']:>8} {r['mean_batch']:>6.0f} {r['mean_us']:>9.0f} "
-              f"{r['p90_us']:>9.0f} " + " ".join(f"{100 * r['share_' + n]:>17.2f}%" for n in names))
+        print(f"{r['policy']:<12} {r['waiting']:>8} {r['mean_batch']:>6.0f} {r['mean_us']:>8.0f} "
+              f"{r['p90_us']:>8.0f} {r['wall_mean_us']:>8.0f} {r['us_per_request']:>7.1f} "
+              + " ".join(f"{100 * r['share_' + n]:>17.2f}%" for n in names)
+              + f" {100 * r['share_own_batch_a100']:>14.2f}%")
     print("budgets: " + ", ".join(f"{n} = {s * 1e3:.1f} ms" for n, s in budget.items()))
 
 
@@ -131,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"unknown policies {bad}", file=sys.stderr)
         return 2
+    warnings.simplefilter("ignore")  # WAIT's fluid warnings at 10k queued requests are expected
     cost = preset("a100-llama2-7b")
     budget = budgets()
     rows = []

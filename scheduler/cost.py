@@ -95,3 +95,26 @@ def fit(samples: list[tuple[int, int, float]], **kw) -> Fit:
     ss_tot = float(((y - y.mean()) ** 2).sum()) or 1e-30
     model = CostModel(d0=float(full[0]), d_tok=float(full[1]), d_kv=float(full[2]), **kw)
     return Fit(model=model, r2=1.0 - ss_res / ss_tot, num_samples=len(data))
+
+
+class OnlineCostFit:
+    """Refits the cost model from measured iterations as they come (the live engine's timing
+    drifts with batch shapes, threads and neighbours); `observe` returns a new model when one is
+    ready and plausible, else None."""
+
+    def __init__(self, every: int = 64, window: int = 2048, min_r2: float = 0.5, **model_kw) -> None:
+        self.every, self.window, self.min_r2 = every, window, min_r2
+        self.model_kw = model_kw
+        self.samples: list[tuple[int, int, float]] = []
+        self.latest: Fit | None = None
+
+    def observe(self, new_tokens: int, attended_kv: int, seconds: float) -> CostModel | None:
+        self.samples.append((new_tokens, attended_kv, seconds))
+        if len(self.samples) < self.every or len(self.samples) % self.every:
+            return None
+        self.samples = self.samples[-self.window:]
+        result = fit(self.samples, name="online", **self.model_kw)
+        if result.r2 < self.min_r2 or result.model.d0 <= 0:
+            return None
+        self.latest = result
+        return result.model

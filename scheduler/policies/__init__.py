@@ -21,15 +21,18 @@ def make_policy(
     from scheduler.policies.wait import WaitPolicy
 
     config = config or PolicyConfig()
-    if name == "nested-wait":
-        return NestedWaitPolicy(config, cost=cost, hint=hint, **params)
-    if name == "wait":
-        return WaitPolicy(config, cost=cost, hint=hint, **params)
-    if name == "vllm":
-        return VLLMPolicy(config, **params)
-    if name == "sarathi":
-        return SarathiPolicy(config, **params)
-    raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICY_NAMES)}")
+    builders = {
+        "nested-wait": lambda: NestedWaitPolicy(config, cost=cost, hint=hint, **params),
+        "wait": lambda: WaitPolicy(config, cost=cost, hint=hint, **params),
+        "vllm": lambda: VLLMPolicy(config, **params),
+        "sarathi": lambda: SarathiPolicy(config, **params),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICY_NAMES)}")
+    try:
+        return builders[name]()
+    except TypeError as exc:  # an unknown keyword in policy_args
+        raise ValueError(f"bad arguments for policy {name!r}: {exc}") from None
 
 
 __all__ = ["POLICY_NAMES", "Policy", "PolicyConfig", "WorkloadHint", "make_policy"]

@@ -28,27 +28,30 @@ class NestedWaitPolicy(ThresholdPolicy):
         self.num_segments = num_segments
         self.fixed_bounds = sorted(set(bounds)) if bounds else None
         self.bounds: list[int] = self.fixed_bounds or [1]
-        self.caps: list[int] = [1] * len(self.bounds)
-        self.entry_needs: list[int] = [1] * len(self.bounds)
-        self.thresholds: list[float] = [1.0] * len(self.bounds)
+        self._work_conserving(len(self.bounds))
 
     # -- thresholds ------------------------------------------------------------------------
     def refresh(self, now: float) -> None:
         seg = self._segments(max(self.arrival_rate(now), 1e-9))
-        if seg is None:
-            return  # nothing known yet: keep serving with caps of 1
+        if seg is None or (self.budget is None and self.cost is None):
+            return  # neither lengths nor iteration costs known yet: stay work-conserving
         if self.budget is not None:
             thresholds = fluid.nested_thresholds_from_budget(seg, self.budget)
-        elif self.cost is not None:
-            thresholds = self._fluid_thresholds(seg)
         else:
-            thresholds = [1.0] * len(seg.bounds)
+            thresholds = self._fluid_thresholds(seg)
         self.bounds = list(seg.bounds)
         self.thresholds = list(thresholds)
         # A fractional threshold: the entry needs floor(n_k) requests (none when n_k < 1: on
         # average fewer than one request per stage), and each stage runs up to ceil(n_k).
         self.entry_needs = [int(t) for t in thresholds]
         self.caps = [max(1, math.ceil(t)) for t in thresholds]
+
+    def _work_conserving(self, num_segments: int) -> None:
+        """Before the load can be modelled: every entry open, no per-stage cap (the batch
+        limit still applies), so the server never holds work back on a guess."""
+        self.thresholds = [float(self.config.max_num_seqs)] * num_segments
+        self.caps = [self.config.max_num_seqs] * num_segments
+        self.entry_needs = [1] + [0] * (num_segments - 1)
 
     def _segments(self, rate: float) -> "fluid.Segments | None":
         if self.fixed_bounds is None:
