@@ -14,8 +14,9 @@ import contextvars
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
@@ -26,7 +27,7 @@ from actors.model_actor import RAY_NAMESPACE, ModelActor, actor_name
 from monitoring.metrics import ServingMetrics
 from scheduler.core import SchedulerCore, TokenEvent
 from scheduler.cost import CostModel, OnlineCostFit
-from scheduler.errors import QueueFull, SchedulingError
+from scheduler.errors import SchedulingError
 from scheduler.plan import Plan
 from scheduler.policies import PolicyConfig, make_policy
 from scheduler.request import Request, SamplingParams
@@ -364,6 +365,13 @@ class SchedulerActor:
             "requests": len(self.core.requests),
             "streams": len(self.streams),
             "iterations": [h for h in self.core._iterations],
+            "evictions": self.core.num_evictions,
+            "busy": [q.busy for q in self.core.workers],
+            "next_wake_in_s": [None if (t := self.core.next_wake(i)) is None else t - time.monotonic()
+                               for i in range(len(self.core.workers))],
+            # A few requests' progress, to tell a stall from slow progress.
+            "sample": {r.request_id[:8]: (r.state.value, r.worker, r.num_computed_tokens, r.prefill_target,
+                                          r.num_generated) for r in list(self.core.requests.values())[:8]},
             **self.core.counts(),
         }
 

@@ -49,7 +49,7 @@ class AppArgs:
     scheduler_num_cpus: float = 0.1
 
     @classmethod
-    def from_dict(cls, args: dict[str, Any]) -> "AppArgs":
+    def from_dict(cls, args: dict[str, Any]) -> AppArgs:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(args) - known)
         if unknown:

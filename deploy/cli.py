@@ -9,7 +9,7 @@ import json
 import math
 import sys
 
-from scheduler.cost import CostModel, PRESETS, preset
+from scheduler.cost import PRESETS, CostModel, preset
 from scheduler.errors import SchedulingError
 from scheduler.policies import POLICY_NAMES
 from scheduler.workload import WorkloadError
@@ -64,7 +64,12 @@ def cmd_simulate(args) -> int:
     if not args.replay and args.rate is None:
         raise CLIError("--rate is required (or --replay with a trace that has arrived_at)")
     arrivals = build_workload(args.types, args.trace, args.rate, args.num_requests, args.seed, args.replay)
-    params = json.loads(args.policy_args) if args.policy_args else {}
+    try:
+        params = json.loads(args.policy_args) if args.policy_args else {}
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"--policy-args is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise CLIError("--policy-args must be a JSON object, e.g. '{\"budget\": 120}'")
     out = run_policy(args.policy, arrivals, _cost(args), params, progress=not args.json and sys.stderr.isatty())
     _json_or_table(args, out, _print_kv)
     return 0

@@ -13,7 +13,8 @@ import hmac
 import json
 import logging
 import os
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,8 +22,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deploy.detokenize import TextStream
-from deploy.protocol import (APIError, ChatRequest, CompletionRequest, chat_object, completion_object,
-                             new_id, parse, usage)
+from deploy.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_object,
+    completion_object,
+    new_id,
+    parse,
+    usage,
+)
 from deploy.tokenizer import load_tokenizer, served_model_name
 from monitoring.metrics import CONTENT_TYPE
 

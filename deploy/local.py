@@ -5,6 +5,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,15 @@ def start(args: dict[str, Any], port: int = 8000, num_cpus: int | None = None) -
     return url
 
 
-def wait_ready(url: str, timeout_s: float = 600.0) -> None:
-    """Block until /health says ready (the model actors have loaded)."""
+def wait_ready(url: str, timeout_s: float = 600.0, alive: Callable[[], bool] | None = None) -> None:
+    """Block until /health says ready (the model actors have loaded); `alive` returning False
+    (e.g. the serving process exited) stops the wait early."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise RuntimeError(f"{url}: the serving process exited before it became ready")
         try:
             if httpx.get(f"{url}/health", timeout=10).status_code == 200:
                 return

@@ -31,7 +31,8 @@ class APIError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    # Strict types: "5" is not a number and "yes" is not a boolean (OpenAI rejects both too).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -71,7 +72,6 @@ class _SamplingFields(_Strict):
     def _no_logit_bias(cls, v: dict | None) -> None:
         if v:
             raise ValueError("logit_bias is not supported")
-        return None
 
 
 class CompletionRequest(_SamplingFields):

@@ -108,13 +108,15 @@ class SchedulerCore:
             raise RuntimeError(f"worker {worker} already has a plan in flight")
         if not q.has_work():
             return None
-        batch = self.policy.select(q, now)
+        batch, evicted = self._fit(q, self.policy.select(q, now))
+        # The guard also fires when the policy's batch does not fit at all: a threshold policy
+        # may pick only prefills while paused residents of other types/segments hold the KV,
+        # and without the work-conserving fallback (which advances those residents) that
+        # state never changes.
         if not batch and self.policy.may_idle and now >= self.policy.wake_time(q):
-            batch = self.policy.fallback(q, now)
+            batch, more = self._fit(q, self.policy.fallback(q, now))
+            evicted += more
             self.num_guard_fires += bool(batch)
-        if not batch:
-            return None
-        batch, evicted = self._fit(q, batch)
         if not batch:
             return None
         self._mark_paused(worker, {req.request_id for req, _ in batch})

@@ -24,7 +24,7 @@ class CostModel:
         return self.d0 + self.d_tok * new_tokens + self.d_kv * attended_kv
 
     @classmethod
-    def paper(cls, d0: float, d1: float, **kw) -> "CostModel":
+    def paper(cls, d0: float, d1: float, **kw) -> CostModel:
         """The paper's single-slope model d0 + d1 * sum(l + s)."""
         return cls(d0=d0, d_tok=d1, d_kv=d1, **kw)
 
@@ -32,7 +32,7 @@ class CostModel:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "CostModel":
+    def load(cls, path: str | Path) -> CostModel:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:

@@ -8,7 +8,14 @@ from __future__ import annotations
 from scheduler.cost import CostModel
 from scheduler.policies import PolicyConfig, WorkloadHint, make_policy
 from scheduler.simulate import simulate
-from scheduler.workload import Arrival, WorkloadError, parse_types, read_trace, synthetic_workload, trace_workload
+from scheduler.workload import (
+    Arrival,
+    WorkloadError,
+    parse_types,
+    read_trace,
+    synthetic_workload,
+    trace_workload,
+)
 
 
 def build_workload(

@@ -6,16 +6,15 @@ the shipped one with only the port and the model (random:tiny, for speed) change
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
+from deploy.local import wait_ready
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -33,20 +32,6 @@ def _config(tmp_path: Path, port: int) -> Path:
     path = tmp_path / "local.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _wait_health(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited early with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url}/health never became ready")
 
 
 def _complete(url: str) -> str:
@@ -81,7 +66,7 @@ def test_serve_deploy_then_serve_run(ray_head, tmp_path):
     deploy = subprocess.run([str(BIN / "serve"), "deploy", str(config), f"--address={dashboard}"],
                             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    _wait_health(url)
+    wait_ready(url, timeout_s=300)
     assert _complete(url)
     subprocess.run([str(BIN / "serve"), "shutdown", "-y", f"--address={dashboard}"], env=env,
                    capture_output=True, timeout=300, cwd=ROOT)
@@ -92,7 +77,7 @@ def test_serve_deploy_then_serve_run(ray_head, tmp_path):
     run = subprocess.Popen([str(BIN / "serve"), "run", str(config), f"--address={gcs}"], env=env,
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_health(url, run)
+        wait_ready(url, timeout_s=300, alive=lambda: run.poll() is None)
         assert _complete(url)
     finally:
         run.terminate()

@@ -21,8 +21,10 @@ class VLLMPolicy(Policy):
     def _admit(self, q: WorkerQueues) -> Batch:
         budget = self.config.max_num_batched_tokens
         free_blocks = q.pool.num_free_blocks
-        # vLLM keeps a small watermark of free blocks so running decodes can grow.
-        watermark = max(1, q.pool.num_blocks // 100)
+        # vLLM keeps a small watermark of free blocks (1%) so running decodes can grow; with
+        # nothing resident there is nothing to grow, and a watermark would block a request
+        # that fills a small cache forever.
+        watermark = q.pool.num_blocks // 100 if q.resident else 0
         seats = self.config.max_num_seqs - q.num_resident
         batch: Batch = []
         for req in q.waiting_in_order():

@@ -1,0 +1,115 @@
+"""Each policy's own batching rule, checked on every plan of random workloads."""
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+
+from hypothesis import HealthCheck, given, settings
+
+from scheduler.plan import StepResult, TokenResult
+from scheduler.request import Request
+from test_core import check_all_done, make_core, small_cost, workloads
+
+
+def run_checked(core, arrivals, check) -> list[Request]:
+    """The simulator loop, calling check(core, plan) on every plan before it commits."""
+    cost = small_cost(core.workers[0].pool.num_blocks)
+    finished: list[Request] = []
+    now, i = 0.0, 0
+    for _ in range(20_000):
+        while i < len(arrivals) and arrivals[i].time <= now:
+            a = arrivals[i]
+            core.submit(Request(str(i), a.prompt_len, a.output_len, a.time, output_len=a.output_len), now)
+            i += 1
+        plan = core.plan(0, now)
+        if plan is None:
+            wake = core.next_wake(0)
+            nxt = arrivals[i].time if i < len(arrivals) else math.inf
+            if wake is not None and now < wake < nxt:
+                now = wake
+            elif nxt < math.inf:
+                now = nxt
+            elif core.has_work():
+                now = max(now, wake or now) + 1e-3
+            else:
+                return finished
+            continue
+        check(core, plan)
+        now += cost.iteration_time(plan.num_new_tokens, plan.num_attended_kv)
+        result = StepResult(0, plan.iteration, [TokenResult(c.request_id, -1) for c in plan.chunks if c.sample])
+        finished += [e.request for e in core.commit(plan, result, now) if e.finish_reason]
+    raise AssertionError("did not finish")
+
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(w=workloads())
+def test_vllm_never_mixes_prefill_and_decode(w):
+    arrivals, blocks = w
+
+    def check(core, plan):
+        kinds = {c.is_prefill for c in plan.chunks}
+        assert len(kinds) == 1
+        assert len(plan.chunks) <= core.policy.config.max_num_seqs
+
+    check_all_done(arrivals, run_checked(make_core("vllm", arrivals, blocks), arrivals, check))
+
+
+@SETTINGS
+@given(w=workloads())
+def test_sarathi_stays_within_its_token_budget(w):
+    arrivals, blocks = w
+
+    def check(core, plan):
+        decodes = sum(1 for c in plan.chunks if not c.is_prefill)
+        assert plan.num_new_tokens <= max(512, decodes)
+        # Decode-first: no prefill chunk while a resident decoder is left out.
+        if plan.num_prefill_tokens:
+            q = core.workers[0]
+            waiting_decoders = [r for r in q.resident.values() if not r.in_prefill]
+            assert decodes >= min(len(waiting_decoders), core.policy.config.max_num_seqs)
+
+    check_all_done(arrivals, run_checked(make_core("sarathi", arrivals, blocks), arrivals, check))
+
+
+@SETTINGS
+@given(w=workloads())
+def test_nested_wait_respects_per_stage_caps(w):
+    arrivals, blocks = w
+
+    def check(core, plan):
+        pol = core.policy
+        per_stage: dict[int, int] = {}
+        prefills = 0
+        for c in plan.chunks:
+            req = core.requests[c.request_id]
+            if c.is_prefill:
+                prefills += 1
+            else:
+                per_stage[req.stage] = per_stage.get(req.stage, 0) + 1
+        assert prefills <= pol.caps[0]
+        last = len(pol.bounds) - 1
+        for stage, count in per_stage.items():
+            assert count <= pol.caps[min(bisect_right(pol.bounds, stage), last)]
+
+    core = make_core("nested-wait", arrivals, blocks, budget=60.0, num_segments=3)
+    check_all_done(arrivals, run_checked(core, arrivals, check))
+
+
+@SETTINGS
+@given(w=workloads())
+def test_wait_respects_per_type_caps(w):
+    arrivals, blocks = w
+
+    def check(core, plan):
+        counts: dict[tuple[int, int], int] = {}
+        for c in plan.chunks:
+            req = core.requests[c.request_id]
+            key = (req.group, -1 if c.is_prefill else req.stage)
+            counts[key] = counts.get(key, 0) + 1
+        for (group, _), n in counts.items():
+            assert n <= core.policy.caps[group]
+
+    check_all_done(arrivals, run_checked(make_core("wait", arrivals, blocks), arrivals, check))
