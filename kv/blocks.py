@@ -56,8 +56,8 @@ class BlockPool:
     def extra_blocks(self, request_id: str, num_tokens: int) -> int:
         """New blocks `request_id` would need to hold num_tokens tokens in total."""
         entry = self._entries.get(request_id)
-        have = len(entry.blocks) if entry else 0
-        return max(0, self.blocks_for(num_tokens) - have)
+        need = -(-num_tokens // self.block_size) - (len(entry.blocks) if entry else 0)
+        return need if need > 0 else 0
 
     def can_fit(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free)
@@ -85,7 +85,11 @@ class BlockPool:
         entry = self._entries.get(request_id)
         if entry is None:
             entry = self._entries[request_id] = _Entry([], 0)
-        needed = self.blocks_for(num_tokens) - len(entry.blocks)
+        needed = -(-num_tokens // self.block_size) - len(entry.blocks)
+        if needed <= 0:  # the common decode step: room left in the last block
+            if num_tokens > entry.num_tokens:
+                entry.num_tokens = num_tokens
+            return 0
         if needed > len(self._free):
             if not entry.blocks:
                 del self._entries[request_id]

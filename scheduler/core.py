@@ -19,7 +19,7 @@ from scheduler.errors import DuplicateRequest, QueueFull, RequestTooLong, Schedu
 from scheduler.plan import Plan, ScheduledChunk, StepResult
 from scheduler.policies.base import Batch, Policy
 from scheduler.queues import GroupQueues, WorkerQueues
-from scheduler.request import Request, RequestState
+from scheduler.request import DONE_STATES, Request, RequestState
 
 
 _NONE: list[int] = []  # shared empty list for unmaterialized chunks (never mutated)
@@ -134,6 +134,10 @@ class SchedulerCore:
 
     def _fit(self, q: WorkerQueues, batch: Batch) -> tuple[Batch, list[str]]:
         """Shrink the batch / evict LIFO until its new KV fits in the free blocks."""
+        free, size = q.pool.num_free_blocks, q.pool.block_size
+        # Cheap upper bound first: n new tokens never need more than n // size + 1 new blocks.
+        if sum(n // size + 1 for _, n in batch) <= free:
+            return batch, []
         needs = [q.pool.extra_blocks(r.request_id, r.num_computed_tokens + n) for r, n in batch]
         total = sum(needs)
         if total <= q.pool.num_free_blocks:
@@ -222,19 +226,22 @@ class SchedulerCore:
         q.idle_since = now
         sampled = iter(result.tokens)
         events: list[TokenEvent] = []
+        requests, has_kv, groups = self.requests, q.pool.has, q.groups
         for chunk in plan.chunks:
             token = next(sampled) if chunk.sample else None
-            req = self.requests.get(chunk.request_id)
-            if req is None or req.state.is_done or not q.pool.has(chunk.request_id):
+            req = requests.get(chunk.request_id)
+            if req is None or req.state in DONE_STATES or not has_kv(chunk.request_id):
                 continue  # cancelled (or evicted) while the iteration ran
             if not chunk.is_prefill:
-                q.groups[req.group].remove_decoder(req)
+                groups[req.group].remove_decoder(req)
             req.num_computed_tokens += chunk.num_tokens
             if token is None:
                 continue
-            q.prefilling.pop(req.request_id, None)
-            events.append(self._append_token(q, req, token.token_id, token.finish_reason, now))
-            events[-1].logprob = token.logprob
+            if chunk.is_prefill:
+                q.prefilling.pop(req.request_id, None)
+            event = self._append_token(q, req, token.token_id, token.finish_reason, now)
+            event.logprob = token.logprob
+            events.append(event)
         return events
 
     def _append_token(

@@ -20,7 +20,10 @@ class RequestState(enum.Enum):
 
     @property
     def is_done(self) -> bool:
-        return self in (RequestState.FINISHED, RequestState.CANCELLED, RequestState.REJECTED)
+        return self in DONE_STATES
+
+
+DONE_STATES = frozenset({RequestState.FINISHED, RequestState.CANCELLED, RequestState.REJECTED})
 
 
 @dataclass
