@@ -25,7 +25,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 import psutil
@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--load-factor", type=float, default=2.0, help="offered load / stable load")
     p.add_argument("--calibrate-s", type=float, default=60.0)
-    p.add_argument("--concurrency", type=int, default=8, help="closed-loop clients while calibrating")
+    # Enough clients to saturate the batch: throughput grows with the batch size, so a small
+    # closed loop would understate the stable load.
+    p.add_argument("--concurrency", type=int, default=64, help="closed-loop clients while calibrating")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--num-model-actors", type=int, default=1)
     p.add_argument("--kv-cache-tokens", type=int, default=16384)

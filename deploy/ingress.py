@@ -143,7 +143,7 @@ class Ingress:
     async def http_health(self) -> JSONResponse:
         try:
             state = await asyncio.wait_for(self.scheduler.health.remote(), HEALTH_TIMEOUT_S)
-        except Exception as exc:  # the scheduler replica is down or restarting
+        except Exception as exc:  # noqa: BLE001 - the scheduler replica is down or restarting
             state = {"ready": False, "reason": f"scheduler unavailable: {type(exc).__name__}"}
         return JSONResponse({"status": "ok" if state.get("ready") else "unavailable", **state},
                             status_code=200 if state.get("ready") else 503)
@@ -222,7 +222,7 @@ class Ingress:
                     for m in req.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # the template rejects this conversation (e.g. role order)
+        except Exception as exc:  # noqa: BLE001 - the template rejects this conversation (e.g. role order)
             raise APIError(400, f"the messages do not fit the model's chat template: {exc}",
                            param="messages") from None
         ids = self._tokenize(text, "messages", add_special_tokens=False)
@@ -262,7 +262,7 @@ class Ingress:
         })
         try:
             first = await stream.__anext__()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the scheduler is a 503
             raise _scheduler_lost(exc) from None
         if "error" in first:
             err = first["error"]
@@ -282,7 +282,7 @@ class Ingress:
                     msg = await stream.__anext__()
                 except StopAsyncIteration:
                     return
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the scheduler died mid-stream
                     raise _scheduler_lost(exc) from None
                 if msg.get("error"):
                     raise APIError(500, f"generation failed: {msg['error']}", "internal_error")
