@@ -109,7 +109,10 @@ void paged_decode_f32(const float *q, const float *k, const float *v, const int6
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+# No -ffast-math: linking with it sets flush-to-zero for the whole process (crtfastmath), which
+# silently changes every other float computation in it (torch's, the tests', the user's).
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+          "-fno-signed-zeros", "-freciprocal-math", "-fopenmp", "-fPIC", "-shared"]
 _lib: ctypes.CDLL | None = None
 _tried = False
 
