@@ -220,12 +220,13 @@ class SchedulerActor:
                 if plan is None:
                     await self._idle(w)
                     continue
+                started = time.monotonic()
                 result = await self._execute(w, plan)
                 if result is None:
                     continue
                 events = self.core.commit(plan, result, time.monotonic())
                 self._deliver(events)
-                self._record(w, plan, result, events)
+                self._record(w, plan, result, events, time.monotonic() - started)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -288,7 +289,7 @@ class SchedulerActor:
             if queue is not None:
                 queue.put_nowait(ev)
 
-    def _record(self, w: int, plan: Plan, result, events: list[TokenEvent]) -> None:
+    def _record(self, w: int, plan: Plan, result, events: list[TokenEvent], wall_s: float) -> None:
         m = self.metrics
         m.on_iteration(w, result.step_time_s, plan.num_new_tokens, len(plan.chunks))
         if plan.evicted:
@@ -299,7 +300,7 @@ class SchedulerActor:
                 if ev.finish_reason:
                     m.on_finish(ev.request)
         self._update_gauges()
-        self._learn_cost(plan, result)
+        self._learn_cost(plan, wall_s)
 
     def _update_gauges(self) -> None:
         counts = self.core.counts()
@@ -307,9 +308,10 @@ class SchedulerActor:
         for q in self.core.workers:
             self.metrics.set_kv(q.worker, q.pool.num_used_blocks * q.pool.block_size, q.pool.capacity_tokens)
 
-    def _learn_cost(self, plan: Plan, result) -> None:
-        """Fit the iteration-time model online, so thresholds follow the real engine."""
-        model = self._cost_fit.observe(plan.num_new_tokens, plan.num_attended_kv, result.step_time_s)
+    def _learn_cost(self, plan: Plan, wall_s: float) -> None:
+        """Fit the iteration-time model online, so thresholds follow the real engine. The wall
+        time of the whole round (dispatch, model, commit) is what an iteration costs a request."""
+        model = self._cost_fit.observe(plan.num_new_tokens, plan.num_attended_kv, wall_s)
         if model is not None and hasattr(self.core.policy, "set_cost"):
             self.core.policy.set_cost(model)
 

@@ -5,7 +5,8 @@
         [--max-prompt P] [--max-output O] [--out-dir bench/results] [--json]
 
 For each policy the Serve app is (re)deployed on one CPU model actor in one Ray cluster. The cost
-model is fitted to the live system itself, once per model (cached in the out dir): lone prefills
+model is fitted to the live system itself (or read from --cost-file; a fit is only valid on the
+box and at the background load it was taken on; it is saved to the out dir): lone prefills
 and lockstep decode batches sent through the API under a work-conserving policy, timed at the
 client, so d0 and d_tok include what the live loop adds to every iteration (the Ray round trip,
 plan and commit, streaming every token through the ingress on the same CPU cores as the model).
@@ -25,7 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import serve as loadgen
@@ -40,10 +41,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 THRESHOLD_POLICIES = ("nested-wait", "wait")
 COMPARED_KEYS = ("throughput_tok_s", *LATENCY_KEYS, "completed", "submitted")
 # Live calibration probes: lone prefills of these prompt lengths, lockstep decode batches of these
-# sizes (prompt PROBE_PROMPT, PROBE_OUTPUT tokens each), PROBE_REPEATS times each.
+# (size, prompt length) with PROBE_OUTPUT tokens each, PROBE_REPEATS times each. Two contexts, so
+# that d_kv is not confounded with the per-request cost of a decode (streaming its token).
 PREFILL_PROBES = (16, 64, 256)
-DECODE_PROBES = (1, 8, 32)
-PROBE_PROMPT, PROBE_OUTPUT = 32, 16
+DECODE_PROBES = ((1, 32), (8, 32), (32, 32), (8, 160))
+PROBE_OUTPUT = 16
 PROBE_REPEATS = 2
 
 # deploy(app_args) -> base URL of the running app (deploy.local.start, or a test fixture).
@@ -63,8 +65,10 @@ class LiveConfig:
     max_prompt: int = loadgen.DEFAULT_MAX_PROMPT
     max_output: int = loadgen.DEFAULT_MAX_OUTPUT
     kv_cache_tokens: int = 16384
-    cost_file: str | None = None  # a live calibration to reuse (default: cached in out_dir)
-    recalibrate: bool = False
+    cost_file: str | None = None  # a live calibration to reuse (default: calibrate now)
+    # Re-fit before every policy: on a shared box the speed drifts between policies (the load
+    # stays the first calibration's, so all policies see the same arrivals).
+    calibrate_each: bool = False
     out_dir: Path = RESULTS_DIR
     port: int = 8000
     progress: bool = True
@@ -84,17 +88,16 @@ def _lone_ttft(url: str, prompt_len: int, index: int) -> float:
     return o.first_token - o.sent
 
 
-def _decode_step(url: str, batch: int, index: int) -> tuple[int, int, float]:
+def _decode_step(url: str, batch: int, prompt: int, index: int) -> tuple[int, int, float]:
     """`batch` identical requests at once: they prefill together, then decode in lockstep, so
     their time per output token is one live iteration of `batch` decodes."""
-    arrivals = [Arrival(0.0, PROBE_PROMPT, PROBE_OUTPUT)] * batch
+    arrivals = [Arrival(0.0, prompt, PROBE_OUTPUT)] * batch
     outs = loadgen.run_sync(url, arrivals, index_base=index)
     bad = [o.error for o in outs if not o.ok]
     if bad:
         raise RuntimeError(f"calibration request failed: {bad[0]}")
     tpot = statistics.median((o.end - o.first_token) / (o.tokens - 1) for o in outs)
-    context = PROBE_PROMPT + PROBE_OUTPUT // 2
-    return batch, batch * context, tpot
+    return batch, batch * (prompt + PROBE_OUTPUT // 2), tpot
 
 
 def calibrate_live(url: str, config: LiveConfig) -> Fit:
@@ -109,10 +112,10 @@ def calibrate_live(url: str, config: LiveConfig) -> Fit:
         for _ in range(PROBE_REPEATS):
             index += 1
             samples.append((prompt, 0, _lone_ttft(url, prompt, index)))
-    for batch in DECODE_PROBES:
+    for batch, prompt in DECODE_PROBES:
         for _ in range(PROBE_REPEATS):
             index += batch
-            samples.append(_decode_step(url, batch, index))
+            samples.append(_decode_step(url, batch, min(prompt, config.max_prompt), index))
     fitted = fit(samples, kv_capacity_tokens=cap["kv_capacity_tokens"], block_size=cap["block_size"],
                  name=f"{config.model}@live")
     m = fitted.model
@@ -193,7 +196,7 @@ def run_policy_live(config: LiveConfig, policy: str, url: str, cost: CostModel,
         live = loadgen.report(loadgen.run_sync(url, arrivals, progress=config.progress))
         sim = simulate(policy, arrivals, cost)
         runs.append({"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim,
-                     "sim_error": sim_error(live, sim)})
+                     "sim_error": sim_error(live, sim), "cost": asdict(cost)})
         _log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
                      f"sim mean {sim['latency_mean_s']:.2f}s {sim['throughput_tok_s']:.1f} tok/s | "
                      f"error {runs[-1]['sim_error']:.0%}")
@@ -221,21 +224,26 @@ def run(config: LiveConfig, deploy: Deployer | None = None) -> dict:
     """Every policy at every rate, live and simulated. `deploy` (re)deploys the app."""
     deploy = deploy or local_deployer(config.port)
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    cost_file = Path(config.cost_file) if config.cost_file else \
-        config.out_dir / f"cost-{model_slug(config.model)}-live.json"
-    cost = CostModel.load(cost_file) if cost_file.is_file() and not config.recalibrate else None
+    # The cost in use is always written here (the live app's threshold policies read it too).
+    cost_file = config.out_dir / f"cost-{model_slug(config.model)}-live.json"
+    cost = CostModel.load(config.cost_file) if config.cost_file else None
+    if cost is not None:
+        cost.save(cost_file)
     r2 = None
     # Work-conserving policies first: a calibration must not see a threshold policy's idling.
     order = sorted(config.policies, key=lambda p: p in THRESHOLD_POLICIES)
     results: dict[str, list[dict]] = {}
-    for policy in order:
-        if cost is None:
+    plan: list[tuple[float, float]] = []
+    for i, policy in enumerate(order):
+        if cost is None or (config.calibrate_each and i > 0):
             first = policy if policy not in THRESHOLD_POLICIES else "vllm"
             fitted = calibrate_live(deploy(app_args(config, first, None)), config)
             cost, r2 = fitted.model, fitted.r2
             cost.save(cost_file)
         url = deploy(app_args(config, policy, cost_file))
-        results[policy] = run_policy_live(config, policy, url, cost, rate_plan(config, cost))
+        # Rates from the first calibration: every policy sees the same arrivals.
+        plan = plan or rate_plan(config, cost)
+        results[policy] = run_policy_live(config, policy, url, cost, plan)
     runs = [r for p in config.policies for r in results[p]]
     return {"model": config.model, "cost": asdict(cost), "cost_r2": r2, "cost_file": str(cost_file),
             "num_requests": config.num_requests, "max_prompt": config.max_prompt,
@@ -255,14 +263,14 @@ def write_results(out: dict, out_dir: Path) -> None:
 def markdown(out: dict) -> str:
     c = out["cost"]
     lines = [
-        f"Live vs simulated, model `{out['model']}`, {out['num_requests']} requests per run, "
-        f"prompts <= {out['max_prompt']}, outputs <= {out['max_output']} tokens; cost model "
-        f"d0={c['d0'] * 1e3:.1f} ms d_tok={c['d_tok'] * 1e6:.0f} us d_kv={c['d_kv'] * 1e9:.0f} ns, "
-        f"KV {c['kv_capacity_tokens']} tokens.",
+        (f"Live vs simulated, model `{out['model']}`, {out['num_requests']} requests per run, "
+         f"prompts <= {out['max_prompt']}, outputs <= {out['max_output']} tokens; last fitted cost model "
+         f"d0={c['d0'] * 1e3:.1f} ms d_tok={c['d_tok'] * 1e6:.0f} us d_kv={c['d_kv'] * 1e9:.0f} ns, "
+         f"KV {c['kv_capacity_tokens']} tokens (each row's own d0 in the table)."),
         "",
-        "| policy | rate (req/s) | load | live mean (s) | sim mean (s) | live p90 (s) | sim p90 (s) "
-        "| live TTFT (s) | sim TTFT (s) | live tok/s | sim tok/s | done | sim error |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ("| policy | rate (req/s) | load | live mean (s) | sim mean (s) | live p90 (s) | sim p90 (s) "
+         "| live TTFT (s) | sim TTFT (s) | live tok/s | sim tok/s | done | sim d0 (ms) | sim error |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in out["runs"]:
         lv, sm = r["live"], r["sim"]
@@ -270,7 +278,8 @@ def markdown(out: dict) -> str:
             f"| {r['policy']} | {r['rate']:.3g} | {r['load']:.2f} | {lv['latency_mean_s']:.2f} | "
             f"{sm['latency_mean_s']:.2f} | {lv['latency_p90_s']:.2f} | {sm['latency_p90_s']:.2f} | "
             f"{lv['ttft_mean_s']:.2f} | {sm['ttft_mean_s']:.2f} | {lv['throughput_tok_s']:.1f} | "
-            f"{sm['throughput_tok_s']:.1f} | {lv['completed']}/{lv['submitted']} | {r['sim_error']:.0%} |")
+            f"{sm['throughput_tok_s']:.1f} | {lv['completed']}/{lv['submitted']} | "
+            f"{r['cost']['d0'] * 1e3:.0f} | {r['sim_error']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -331,8 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt", type=int, default=loadgen.DEFAULT_MAX_PROMPT)
     p.add_argument("--max-output", type=int, default=loadgen.DEFAULT_MAX_OUTPUT)
     p.add_argument("--kv-cache-tokens", type=int, default=16384)
-    p.add_argument("--cost-file", help="reuse this live calibration (default: cached in --out-dir)")
-    p.add_argument("--recalibrate", action="store_true")
+    p.add_argument("--cost-file", help="reuse this live calibration (e.g. a cost-*-live.json an "
+                   "earlier run wrote to --out-dir) instead of calibrating; only on the same box")
+    p.add_argument("--calibrate-each", action="store_true",
+                   help="re-fit the cost model before every policy (a shared, drifting box)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--json", action="store_true", help="print {\"runs\": [...]} as the last line")
@@ -345,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         policies=args.policies, rates=args.rates or [], loads=args.loads or [], trace=args.trace,
         types=args.types, num_requests=args.num_requests, seed=args.seed, model=args.model,
         max_prompt=args.max_prompt, max_output=args.max_output, kv_cache_tokens=args.kv_cache_tokens,
-        cost_file=args.cost_file, recalibrate=args.recalibrate, out_dir=args.out_dir, port=args.port,
+        cost_file=args.cost_file, calibrate_each=args.calibrate_each,
+        out_dir=args.out_dir, port=args.port,
         progress=sys.stderr.isatty(),
     )
     started = time.monotonic()

@@ -15,11 +15,11 @@ far longer than 10 ms). Times are this thread's CPU time (the host is shared); w
 from __future__ import annotations
 
 import argparse
-import warnings
 import json
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path

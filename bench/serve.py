@@ -22,6 +22,8 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
+import httpx
+
 from scheduler.experiment import build_workload
 from scheduler.request import Request
 from scheduler.simulate import percentile, summarize
@@ -115,7 +117,8 @@ async def _request(client, base_url: str, model: str, a: Arrival, index: int, t0
     out = Outcome(index, a.prompt_len, a.output_len)
     try:
         await _stream_one(client, base_url, model, a, out, t0, headers)
-    except Exception as exc:  # a failed request is a reported error, not a crashed benchmark
+    except (httpx.HTTPError, OSError, ValueError, KeyError, IndexError) as exc:
+        # A failed request is a reported error, not a crashed benchmark.
         out.error = f"{type(exc).__name__}: {exc}"[:200]
     if bar is not None:
         bar.update(1)
@@ -126,8 +129,6 @@ async def run_load(base_url: str, arrivals: list[Arrival], api_key: str | None =
                    progress: bool = True, timeout_s: float = 1800.0, index_base: int = 0) -> list[Outcome]:
     """Send every arrival at its time (seconds after the start) and stream it to the end.
     `index_base` offsets the request indices (and so the prompts' token ids)."""
-    import httpx
-
     headers = auth_headers(api_key if api_key is not None else os.environ.get("FLUIDSERVE_API_KEY"))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(timeout_s, connect=60.0)
@@ -151,7 +152,7 @@ def _as_request(o: Outcome) -> Request:
 def report(outcomes: list[Outcome]) -> dict:
     """The simulator's figures (same keys, same `summarize`) plus request-level extras."""
     done = [o for o in outcomes if o.ok]
-    first = min((o.sent for o in outcomes), default=0.0)
+    first = min((o.sent for o in outcomes if math.isfinite(o.sent)), default=0.0)
     last = max((o.end for o in done), default=first)
     elapsed = last - first
     gaps = [b - a for o in done for a, b in zip(o.chunk_times, o.chunk_times[1:])]

@@ -9,13 +9,22 @@ import math
 
 import pytest
 
-from bench import live, serve as loadgen
+from bench import live
+from bench import serve as loadgen
 from scheduler.simulate import LATENCY_KEYS
-from scheduler.workload import synthetic_workload, parse_types
+from scheduler.workload import parse_types, synthetic_workload
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
-TINY = {"model": "random:tiny", "num_model_actors": 1, "kv_cache_tokens": 4096}
+
+def tiny_config(out_dir) -> live.LiveConfig:
+    return live.LiveConfig(policies=["vllm"], rates=[2.0], num_requests=15, model="random:tiny",
+                           max_prompt=64, max_output=16, kv_cache_tokens=4096, out_dir=out_dir,
+                           progress=False)
+
+
+# The app bench.live deploys for vllm: the load generator tests use it too (no redeploy between).
+TINY = live.app_args(tiny_config(None), "vllm", None)
 SIM_KEYS = ("throughput_tok_s", *LATENCY_KEYS, "completed", "submitted")
 
 
@@ -50,13 +59,7 @@ def test_load_generator_cli_prints_json_last(deploy_app, capsys):
 
 
 def test_bench_live_one_policy_one_rate(deploy_app, tmp_path):
-    def deploy(args: dict) -> str:
-        return deploy_app(**{**args, "kv_cache_tokens": TINY["kv_cache_tokens"]}).url
-
-    config = live.LiveConfig(policies=["vllm"], rates=[2.0], num_requests=15, model="random:tiny",
-                             max_prompt=64, max_output=16, kv_cache_tokens=TINY["kv_cache_tokens"],
-                             out_dir=tmp_path, progress=False)
-    out = live.run(config, deploy)
+    out = live.run(tiny_config(tmp_path), lambda args: deploy_app(**args).url)
     live.write_results(out, tmp_path)
     assert len(out["runs"]) == 1
     run = out["runs"][0]
