@@ -253,21 +253,17 @@ class SchedulerCore:
         if req.first_token_time is None:
             req.first_token_time = now
         req.last_token_time = now
-        reason = reason or self._length_reason(req)
+        if reason is None:  # the length limits (inline: this runs once per token)
+            n = req.num_generated
+            if req.output_len is not None and n >= req.output_len:
+                reason = "stop"  # simulated EOS at the request's true output length
+            elif n >= req.max_tokens or (self.max_model_len is not None and req.total_len >= self.max_model_len):
+                reason = "length"
         if reason:
             self._finish(q, req, reason, now)
         else:
             q.groups[req.group].add_decoder(req)
         return TokenEvent(req, token_id, reason)
-
-    def _length_reason(self, req: Request) -> str | None:
-        if req.output_len is not None and req.num_generated >= req.output_len:
-            return "stop"  # simulated EOS at the request's true output length
-        if req.num_generated >= req.max_tokens:
-            return "length"
-        if self.max_model_len is not None and req.total_len >= self.max_model_len:
-            return "length"
-        return None
 
     def _finish(self, q: WorkerQueues, req: Request, reason: str, now: float) -> None:
         self._release(q, req)
