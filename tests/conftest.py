@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,15 @@ class ServeApp:
 
     def debug_state(self) -> dict:
         return self.scheduler().debug_state.remote().result()
+
+    def wait_idle(self, timeout_s: float = 60.0) -> dict:
+        """Wait until no request holds KV or is queued (earlier tests may still be finishing)."""
+        deadline = time.monotonic() + timeout_s
+        state = self.debug_state()
+        while time.monotonic() < deadline and (sum(state["used_blocks"]) or state["requests"]):
+            time.sleep(0.2)
+            state = self.debug_state()
+        return state
 
 
 @pytest.fixture(scope="session")

@@ -46,16 +46,6 @@ def metric(app, name: str, headers: dict | None = None) -> float:
     return total
 
 
-def wait_idle(app, timeout_s: float = 60.0) -> dict:
-    """Wait until no request holds KV or is queued (earlier tests may still be finishing)."""
-    deadline = time.monotonic() + timeout_s
-    state = app.debug_state()
-    while time.monotonic() < deadline and (sum(state["used_blocks"]) or state["requests"]):
-        time.sleep(0.2)
-        state = app.debug_state()
-    return state
-
-
 def post(app, path: str, body: Any = None, content: bytes | None = None, headers: dict | None = None,
          timeout: float = 120) -> httpx.Response:
     h = {"Content-Type": "application/json", **(headers or {})}
@@ -92,7 +82,7 @@ def small_app(deploy_app):
     os.environ[API_KEY_ENV], os.environ[METRICS_KEY_ENV] = API_KEY, METRICS_KEY
     app = deploy_app(**SMALL_APP)
     yield app
-    wait_idle(app)
+    app.wait_idle()
 
 
 def test_api_key_guards_v1_routes_but_not_health(small_app):
@@ -116,7 +106,7 @@ def test_api_key_guards_v1_routes_but_not_health(small_app):
 
 
 def test_overload_gets_429_with_retry_after_and_admitted_requests_finish(small_app):
-    wait_idle(small_app)
+    small_app.wait_idle()
     stop = threading.Event()
     peak_waiting = []
 
@@ -150,13 +140,13 @@ def test_overload_gets_429_with_retry_after_and_admitted_requests_finish(small_a
         body = r.json()
         assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 12
     assert max(peak_waiting) <= QUEUE_LEN
-    state = wait_idle(small_app)
+    state = small_app.wait_idle()
     assert state["requests"] == 0 and sum(state["used_blocks"]) == 0
     assert metric(small_app, "fluidserve:request_rejected_total", METRICS_AUTH) >= len(rejected)
 
 
 def test_kv_cache_is_never_over_committed_it_evicts_instead(small_app):
-    wait_idle(small_app)
+    small_app.wait_idle()
     info = small_app.scheduler().info.remote().result()
     capacity_blocks = info["kv_capacity_tokens"] // info["block_size"]
     evictions_before = metric(small_app, "fluidserve:num_evictions_total", METRICS_AUTH)
@@ -339,7 +329,7 @@ def test_fuzzed_bodies_never_get_5xx(app, completion, chat):
 
 
 def test_cancellation_frees_kv_and_is_counted(app):
-    wait_idle(app)
+    app.wait_idle()
     before = metric(app, "fluidserve:request_cancelled_total")
     body = {"prompt": "Write a long story about a dragon.", "max_tokens": 2000, "stream": True,
             "temperature": 0, "ignore_eos": True}
@@ -352,7 +342,7 @@ def test_cancellation_frees_kv_and_is_counted(app):
         {"prompt": "Tell me everything.", "max_tokens": 2000, "stream": True, "ignore_eos": True})
     next(iter(gen))
     gen.cancel()
-    state = wait_idle(app, timeout_s=30)
+    state = app.wait_idle(timeout_s=30)
     assert sum(state["used_blocks"]) == 0 and state["requests"] == 0
     assert metric(app, "fluidserve:request_cancelled_total") >= before + 2
 
@@ -380,7 +370,7 @@ def test_model_actor_sigkill_mid_stream_loses_nothing(app):
 
     from actors.model_actor import RAY_NAMESPACE, actor_name
 
-    wait_idle(app)
+    app.wait_idle()
     prompts = ["Once upon a time", "def fibonacci(n):", "The three primary colors are", "Dear diary,"]
     bodies = [{"prompt": p, "max_tokens": 48, "temperature": 0, "ignore_eos": True} for p in prompts]
     expected = [post(app, "/completions", b).json()["choices"][0]["text"] for b in bodies]
@@ -409,7 +399,7 @@ def test_model_actor_sigkill_mid_stream_loses_nothing(app):
         assert text == want, "greedy output after the crash equals the output without it"
         assert events[-1]["choices"][0]["finish_reason"] == "length"
         assert events[-1]["usage"]["completion_tokens"] == 48, "no duplicate or missing tokens"
-    state = wait_idle(app)
+    state = app.wait_idle()
     assert sum(state["used_blocks"]) == 0 and state["requests"] == 0
 
 
@@ -436,7 +426,7 @@ def test_scheduler_restart_fails_in_flight_clearly_and_recovers(app):
 
     from deploy.local import wait_ready
 
-    wait_idle(app)
+    app.wait_idle()
     old_pids = _model_actor_pids(app.args["num_model_actors"])
     body = {"prompt": "Tell me a very long story.", "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
     outs: list[dict] = [{}, {}]

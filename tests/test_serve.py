@@ -4,7 +4,6 @@ handles, identical greedy output to the in-process engine, KV freed on cancellat
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
 
 import httpx
 import openai
@@ -94,17 +93,8 @@ def test_python_handle_returns_the_http_objects(app):
     assert "error" in bad and "max_tokens" in bad["error"]["message"]
 
 
-def _wait_blocks_free(app, timeout_s: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    state = app.debug_state()
-    while time.monotonic() < deadline and (sum(state["used_blocks"]) or state["requests"]):
-        time.sleep(0.2)
-        state = app.debug_state()
-    return state
-
-
 def test_client_disconnect_frees_kv_at_once(app):
-    _wait_blocks_free(app)
+    app.wait_idle()
     body = {"prompt": "Write a long story about a dragon.", "max_tokens": 2000, "stream": True,
             "temperature": 0, "ignore_eos": True}
     with httpx.stream("POST", f"{app.base_url}/completions", json=body, timeout=120) as resp:
@@ -117,17 +107,17 @@ def test_client_disconnect_frees_kv_at_once(app):
             if got >= 3:
                 break
         assert sum(app.debug_state()["used_blocks"]) > 0
-    state = _wait_blocks_free(app, timeout_s=20)
+    state = app.wait_idle(20)
     assert sum(state["used_blocks"]) == 0 and state["requests"] == 0
 
 
 def test_cancelled_handle_call_frees_kv(app):
-    _wait_blocks_free(app)
+    app.wait_idle()
     gen = app.handle().options(stream=True).completions.remote(
         {"prompt": "Tell me everything.", "max_tokens": 2000, "stream": True, "ignore_eos": True})
     next(iter(gen))
     gen.cancel()
-    state = _wait_blocks_free(app, timeout_s=20)
+    state = app.wait_idle(20)
     assert sum(state["used_blocks"]) == 0 and state["requests"] == 0
 
 
