@@ -355,7 +355,7 @@ class SchedulerActor:
         summary = policy.fluid_solution(rate / max(1, len(self.workers)))
         sol = summary.solution
         workers = len(self.workers)
-        memory = sol.memory_tokens if sol.stable else float(policy._cost().kv_capacity_tokens)
+        memory = sol.memory_tokens if sol.stable else float(sol.kv_capacity_tokens)
         return sol.throughput_tok_s * workers, memory, sol.load
 
     async def debug_state(self) -> dict:
@@ -366,7 +366,7 @@ class SchedulerActor:
             "used_blocks": [q.pool.num_used_blocks for q in self.core.workers],
             "requests": len(self.core.requests),
             "streams": len(self.streams),
-            "iterations": [h for h in self.core._iterations],
+            "iterations": self.core.iterations,
             "evictions": self.core.num_evictions,
             "busy": [q.busy for q in self.core.workers],
             "next_wake_in_s": [None if (t := self.core.next_wake(i)) is None else t - time.monotonic()

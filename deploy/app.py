@@ -23,24 +23,10 @@ SCHEDULER_MAX_ONGOING = 100_000
 
 
 @dataclasses.dataclass
-class AppArgs:
-    """The `args:` of a serve config (deploy/configs/*.yaml) or of build_app."""
+class AppArgs(EngineArgs):
+    """The `args:` of a serve config (deploy/configs/*.yaml) or of build_app: the engine's
+    arguments plus what only the deployment layer uses."""
 
-    model: str = "default"
-    policy: str = "nested-wait"
-    policy_args: dict = dataclasses.field(default_factory=dict)
-    num_model_actors: int = 1
-    model_actor_resources: dict = dataclasses.field(default_factory=lambda: {"num_gpus": 0, "num_cpus": 1})
-    kv_cache_memory_fraction: float = 0.9
-    kv_cache_tokens: int = 16384
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096
-    max_queue_len: int = 0
-    dtype: str = "auto"
-    attention: str = "auto"
-    cost_file: str | None = None
-    model_name: str | None = None
     api_key_env: str | None = "FLUIDSERVE_API_KEY"
     metrics_api_key_env: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -62,8 +48,7 @@ class AppArgs:
         return out
 
     def engine_args(self) -> EngineArgs:
-        names = {f.name for f in dataclasses.fields(EngineArgs)}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineArgs)}
         values["model_name"] = self.model_name or served_model_name(self.model)
         return EngineArgs(**values)
 

@@ -301,6 +301,11 @@ class SchedulerCore:
 
     # -- state for metrics and tests -------------------------------------------------------
     @property
+    def iterations(self) -> list[int]:
+        """Iterations planned so far, per model actor."""
+        return list(self._iterations)
+
+    @property
     def num_waiting(self) -> int:
         return sum(w.num_waiting for w in self.workers)
 

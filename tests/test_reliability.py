@@ -46,6 +46,27 @@ def metric(app, name: str, headers: dict | None = None) -> float:
     return total
 
 
+def send_while_sampling(one, n: int, sample, period_s: float) -> tuple[list[httpx.Response], list]:
+    """Send `one(0..n-1)` all at once; sample the scheduler's state every period while they run."""
+    stop = threading.Event()
+    samples: list = []
+
+    def watch() -> None:
+        while not stop.is_set():
+            samples.append(sample())
+            time.sleep(period_s)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            responses = list(pool.map(one, range(n)))
+    finally:
+        stop.set()
+        watcher.join()
+    return responses, samples
+
+
 def post(app, path: str, body: Any = None, content: bytes | None = None, headers: dict | None = None,
          timeout: float = 120) -> httpx.Response:
     h = {"Content-Type": "application/json", **(headers or {})}
@@ -107,26 +128,14 @@ def test_api_key_guards_v1_routes_but_not_health(small_app):
 
 def test_overload_gets_429_with_retry_after_and_admitted_requests_finish(small_app):
     small_app.wait_idle()
-    stop = threading.Event()
-    peak_waiting = []
-
-    def watch() -> None:  # the queue must stay bounded while the burst lasts
-        while not stop.is_set():
-            peak_waiting.append(small_app.debug_state()["waiting"])
-            time.sleep(0.1)
 
     def one(i: int) -> httpx.Response:
         return post(small_app, "/completions", {"prompt": f"Count to {i}:", "max_tokens": 12,
                                                 "temperature": 0, "ignore_eos": True}, headers=AUTH)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        with ThreadPoolExecutor(40) as pool:
-            responses = list(pool.map(one, range(40)))
-    finally:
-        stop.set()
-        watcher.join()
+    # The queue must stay bounded while the burst lasts.
+    responses, peak_waiting = send_while_sampling(
+        one, 40, lambda: small_app.debug_state()["waiting"], period_s=0.1)
     statuses = sorted(r.status_code for r in responses)
     assert set(statuses) <= {200, 429}, statuses
     rejected = [r for r in responses if r.status_code == 429]
@@ -150,28 +159,14 @@ def test_kv_cache_is_never_over_committed_it_evicts_instead(small_app):
     info = small_app.scheduler().info.remote().result()
     capacity_blocks = info["kv_capacity_tokens"] // info["block_size"]
     evictions_before = metric(small_app, "fluidserve:num_evictions_total", METRICS_AUTH)
-    stop = threading.Event()
-    peak_used = []
-
-    def watch() -> None:
-        while not stop.is_set():
-            peak_used.append(max(small_app.debug_state()["used_blocks"]))
-            time.sleep(0.05)
-
     # 5 requests x (~10 prompt + 150 output tokens) = ~50 blocks wanted at the end, 32 exist.
     def one(i: int) -> httpx.Response:
         return post(small_app, "/completions", {"prompt": f"Story number {i}:", "max_tokens": 150,
                                                 "temperature": 0, "ignore_eos": True}, headers=AUTH,
                     timeout=600)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        with ThreadPoolExecutor(5) as pool:
-            responses = list(pool.map(one, range(5)))
-    finally:
-        stop.set()
-        watcher.join()
+    responses, peak_used = send_while_sampling(
+        one, 5, lambda: max(small_app.debug_state()["used_blocks"]), period_s=0.05)
     for r in responses:
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 150
