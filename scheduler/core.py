@@ -19,13 +19,13 @@ from scheduler.errors import DuplicateRequest, QueueFull, RequestTooLong, Schedu
 from scheduler.plan import Plan, ScheduledChunk, StepResult
 from scheduler.policies.base import Batch, Policy
 from scheduler.queues import GroupQueues, WorkerQueues
-from scheduler.request import DONE_STATES, Request, RequestState
+from scheduler.request import Request, RequestState
 
 
 _NONE: list[int] = []  # shared empty list for unmaterialized chunks (never mutated)
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenEvent:
     """One sampled token of one request, as the streams and metrics see it."""
 
@@ -230,8 +230,10 @@ class SchedulerCore:
         for chunk in plan.chunks:
             token = next(sampled) if chunk.sample else None
             req = requests.get(chunk.request_id)
-            if req is None or req.state in DONE_STATES or not has_kv(chunk.request_id):
-                continue  # cancelled (or evicted) while the iteration ran
+            # Finished, cancelled and evicted requests hold no KV: this one skip covers a
+            # request cancelled while the iteration ran.
+            if req is None or not has_kv(chunk.request_id):
+                continue
             if not chunk.is_prefill:
                 groups[req.group].remove_decoder(req)
             req.num_computed_tokens += chunk.num_tokens

@@ -5,6 +5,8 @@ policies the same way.
 """
 from __future__ import annotations
 
+import math
+
 from scheduler.cost import CostModel
 from scheduler.policies import PolicyConfig, WorkloadHint, make_policy
 from scheduler.simulate import simulate
@@ -36,6 +38,8 @@ def workload_hint(arrivals: list[Arrival]) -> WorkloadHint:
         return WorkloadHint()
     span = arrivals[-1].time - arrivals[0].time
     rate = (len(arrivals) - 1) / span if span > 0 else None
+    if rate is not None and not math.isfinite(rate):
+        rate = None  # all arrivals at (nearly) one instant: no rate to speak of
     counts: dict[int, int] = {}
     for a in arrivals:
         counts[a.output_len] = counts.get(a.output_len, 0) + 1

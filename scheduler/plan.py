@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from scheduler.request import SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     request_id: str
     token_ids: list[int]  # inputs at positions start_pos .. start_pos + num_tokens - 1
@@ -55,7 +55,7 @@ class Plan:
         return sum(c.context_len for c in self.chunks if not c.is_prefill)
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenResult:
     request_id: str
     token_id: int  # -1 in simulation

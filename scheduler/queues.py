@@ -20,15 +20,17 @@ class GroupQueues:
     stages: dict[int, dict[str, Request]] = field(default_factory=dict)  # resident decoders
 
     def add_decoder(self, req: Request) -> None:
-        bucket = self.stages.get(req.stage)
+        stage = req.num_generated  # == req.stage (this runs once per token)
+        bucket = self.stages.get(stage)
         if bucket is None:
-            bucket = self.stages[req.stage] = {}
+            bucket = self.stages[stage] = {}
         bucket[req.request_id] = req
 
     def remove_decoder(self, req: Request) -> None:
-        bucket = self.stages.get(req.stage)
+        stage = req.num_generated
+        bucket = self.stages.get(stage)
         if bucket is not None and bucket.pop(req.request_id, None) is not None and not bucket:
-            del self.stages[req.stage]
+            del self.stages[stage]
 
     def at_stage(self, stage: int) -> dict[str, Request]:
         return self.stages.get(stage, _EMPTY)

@@ -26,7 +26,7 @@ class RequestState(enum.Enum):
 DONE_STATES = frozenset({RequestState.FINISHED, RequestState.CANCELLED, RequestState.REJECTED})
 
 
-@dataclass
+@dataclass(slots=True)
 class SamplingParams:
     """How the model actor picks the next token. temperature 0 means greedy."""
 
@@ -39,7 +39,7 @@ class SamplingParams:
     logprobs: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     request_id: str
     prompt_len: int

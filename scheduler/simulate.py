@@ -35,6 +35,9 @@ class IterationLog:
     batch_size: int
 
 
+_SIM_TOKEN = TokenResult("", -1)  # a simulated token: no id, no EOS (output_len ends it)
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100) by linear interpolation; nan for no values."""
     if not values:
@@ -109,7 +112,8 @@ def simulate(
         if log_iterations:
             iterations.append(IterationLog(now, duration, plan.num_new_tokens, plan.num_attended_kv, len(plan.chunks)))
         now += duration
-        result = StepResult(0, plan.iteration, [TokenResult(c.request_id, -1) for c in plan.chunks if c.sample])
+        # The core reads only token_id/finish_reason/logprob: one shared result per sample.
+        result = StepResult(0, plan.iteration, [_SIM_TOKEN] * sum(c.sample for c in plan.chunks))
         for event in core.commit(plan, result, now):
             if event.finish_reason:
                 finished.append(event.request)

@@ -99,7 +99,9 @@ class NestedWaitPolicy(ThresholdPolicy):
         batch: Batch = []
         last = len(self.bounds) - 1
         for stage, bucket in q.groups[0].stages.items():
-            k = min(bisect_right(self.bounds, stage), last)
+            k = bisect_right(self.bounds, stage)
+            if k > last:
+                k = last
             if k < active:
                 take_stage(bucket, self.caps[k], batch)
         take_prefills(q, None, self.caps[0], batch)

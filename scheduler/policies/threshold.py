@@ -164,6 +164,8 @@ def cap_to_seqs(batch: Batch, max_num_seqs: int) -> Batch:
     """Keep decodes before prefills when the batch exceeds the sequence limit."""
     if len(batch) <= max_num_seqs:
         return batch
-    decodes = [b for b in batch if not b[0].in_prefill]
-    prefills = [b for b in batch if b[0].in_prefill]
+    decodes: Batch = []
+    prefills: Batch = []
+    for item in batch:
+        (prefills if item[0].in_prefill else decodes).append(item)
     return (decodes + prefills)[:max_num_seqs]
