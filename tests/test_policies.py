@@ -94,7 +94,33 @@ def test_nested_wait_respects_per_stage_caps(w):
         for stage, count in per_stage.items():
             assert count <= pol.caps[min(bisect_right(pol.bounds, stage), last)]
 
-    core = make_core("nested-wait", arrivals, blocks, budget=60.0, num_segments=3)
+    core = make_core("nested-wait", arrivals, blocks, budget=60.0, num_segments=3, relax_below_kv_usage=0.0)
+    check_all_done(arrivals, run_checked(core, arrivals, check))
+
+
+@SETTINGS
+@given(w=workloads())
+def test_nested_wait_relaxed_while_kv_is_mostly_free(w):
+    """Below the usage bound no resident pauses: every decoder advances (up to max_num_seqs)
+    and at most n_1 prefills are admitted per iteration."""
+    arrivals, blocks = w
+    core = make_core("nested-wait", arrivals, blocks, budget=60.0, num_segments=3, relax_below_kv_usage=0.5)
+    pol, seen = core.policy, {}
+    select = pol.select
+
+    def recording_select(q, now):
+        seen["relaxed"] = pol.relaxed(q)
+        seen["decoders"] = sum(len(bucket) for bucket in q.groups[0].stages.values())
+        return select(q, now)
+
+    def check(core, plan):
+        if not seen.pop("relaxed", False):
+            return
+        prefills = sum(c.is_prefill for c in plan.chunks)
+        assert prefills <= pol.caps[0]
+        assert len(plan.chunks) - prefills == min(seen["decoders"], pol.config.max_num_seqs)
+
+    pol.select = recording_select
     check_all_done(arrivals, run_checked(core, arrivals, check))
 
 
@@ -112,4 +138,5 @@ def test_wait_respects_per_type_caps(w):
         for (group, _), n in counts.items():
             assert n <= core.policy.caps[group]
 
-    check_all_done(arrivals, run_checked(make_core("wait", arrivals, blocks), arrivals, check))
+    core = make_core("wait", arrivals, blocks, relax_below_kv_usage=0.0)
+    check_all_done(arrivals, run_checked(core, arrivals, check))

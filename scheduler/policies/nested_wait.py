@@ -84,6 +84,8 @@ class NestedWaitPolicy(ThresholdPolicy):
 
     def select(self, q: WorkerQueues, now: float) -> Batch:
         self.maybe_refresh(now)
+        if self.relaxed(q):
+            return self._batch(q, len(self.bounds), stage_cap=self.config.max_num_seqs)
         active = 0
         for count, need in zip(self.entry_counts(q), self.entry_needs):
             if count < max(need, 1 if active == 0 else 0):
@@ -94,8 +96,9 @@ class NestedWaitPolicy(ThresholdPolicy):
     def fallback(self, q: WorkerQueues, now: float) -> Batch:
         return self._batch(q, len(self.bounds))
 
-    def _batch(self, q: WorkerQueues, active: int) -> Batch:
-        """Segments 1..active, at most caps[k] requests at every stage of segment k."""
+    def _batch(self, q: WorkerQueues, active: int, stage_cap: int | None = None) -> Batch:
+        """Segments 1..active, at most caps[k] (or stage_cap) requests at every stage of
+        segment k, and at most caps[0] prefills."""
         batch: Batch = []
         last = len(self.bounds) - 1
         for stage, bucket in q.groups[0].stages.items():
@@ -103,7 +106,7 @@ class NestedWaitPolicy(ThresholdPolicy):
             if k > last:
                 k = last
             if k < active:
-                take_stage(bucket, self.caps[k], batch)
+                take_stage(bucket, stage_cap or self.caps[k], batch)
         take_prefills(q, None, self.caps[0], batch)
         return cap_to_seqs(batch, self.config.max_num_seqs)
 

@@ -5,6 +5,12 @@ That is what makes them throughput-optimal in heavy traffic, and what could stal
 forever at low load; the guard (PAPER.md section 5) runs a work-conserving batch once the
 server has idled `max_idle_s` with work waiting. In heavy traffic thresholds are met, so the
 guard does not fire.
+
+The thresholds exist to keep the KV memory the batch needs within C. While the cache is mostly
+free (usage below `relax_below_kv_usage`), memory is not the constraint and pausing residents
+only adds latency: the policy then advances every resident decoder and still admits at most
+its prefill threshold of new requests per iteration (the fluid's arrivals per stage, which keeps
+prefills from swamping an iteration). At or above that usage the paper's rule applies as is.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ class ThresholdPolicy(Policy):
         max_idle_s: float | None = None,
         refresh_s: float = 2.0,
         slack: float = 0.1,
+        relax_below_kv_usage: float = 0.9,
     ) -> None:
         super().__init__(config)
         self.cost = cost
@@ -51,6 +58,9 @@ class ThresholdPolicy(Policy):
         self._max_idle_s = max_idle_s
         self.refresh_s = refresh_s
         self.slack = slack
+        if not 0.0 <= relax_below_kv_usage <= 1.0:
+            raise ValueError(f"relax_below_kv_usage must be in [0, 1], got {relax_below_kv_usage}")
+        self.relax_below_kv_usage = relax_below_kv_usage  # 0: the paper's rule at every usage
         self.rates = RateEstimator()
         self.lengths = LengthEstimator(prior=prior_sample(self.hint))
         self._prompt_mean = float(self.hint.prompt_len or 0.0)
@@ -103,6 +113,10 @@ class ThresholdPolicy(Policy):
         solution = fluid.solve(types, self._cost())
         per_stage = sum(solution.per_stage) if solution.stable else float("inf")
         return FluidSummary(solution.stable, solution.iteration_time_s, per_stage, solution)
+
+    def relaxed(self, q: WorkerQueues) -> bool:
+        """Memory is not the constraint yet: advance every resident (see the module doc)."""
+        return q.pool.usage < self.relax_below_kv_usage
 
     # -- the guard -------------------------------------------------------------------------
     def wake_time(self, q: WorkerQueues) -> float:

@@ -59,6 +59,8 @@ class WaitPolicy(ThresholdPolicy):
 
     def select(self, q: WorkerQueues, now: float) -> Batch:
         self.maybe_refresh(now)
+        if self.relaxed(q):
+            return self._batch(q, range(len(q.groups)), stage_cap=self.config.max_num_seqs)
         eligible = [j for j, g in enumerate(q.groups) if len(g.waiting) + self._restarts(q, j) >= self.caps[j]]
         return self._batch(q, eligible)
 
@@ -69,11 +71,12 @@ class WaitPolicy(ThresholdPolicy):
     def _restarts(q: WorkerQueues, group: int) -> int:
         return sum(1 for r in q.restart.values() if r.group == group) if q.restart else 0
 
-    def _batch(self, q: WorkerQueues, types) -> Batch:
+    def _batch(self, q: WorkerQueues, types, stage_cap: int | None = None) -> Batch:
+        """Types `types`: at most caps[j] (or stage_cap) requests per stage, caps[j] prefills."""
         batch: Batch = []
         for j in types:
             for bucket in q.groups[j].stages.values():
-                take_stage(bucket, self.caps[j], batch)
+                take_stage(bucket, stage_cap or self.caps[j], batch)
             take_prefills(q, j, self.caps[j], batch)
         return cap_to_seqs(batch, self.config.max_num_seqs)
 
