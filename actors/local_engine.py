@@ -39,32 +39,43 @@ class LocalEngine:
         self.cost_fit = OnlineCostFit(kv_capacity_tokens=cap["kv_capacity_tokens"], block_size=cap["block_size"])
 
     def generate(self, prompts: list[list[int]], max_tokens: int,
-                 sampling: SamplingParams | None = None) -> list[Completion]:
-        """Run every prompt to completion (all submitted at once); results in prompt order."""
+                 sampling: SamplingParams | None = None,
+                 offsets: list[float] | None = None) -> list[Completion]:
+        """Run every prompt to completion; results in prompt order. Prompt i arrives
+        offsets[i] seconds after the start (default: all at once)."""
         sampling = sampling or SamplingParams()
+        offsets = offsets or [0.0] * len(prompts)
         start = time.monotonic()
-        ids = []
-        for prompt in prompts:
-            rid = f"local-{self._next_id}"
-            self._next_id += 1
-            self.core.submit(Request(rid, len(prompt), max_tokens, start, prompt_token_ids=list(prompt),
-                                     sampling=sampling), start)
-            ids.append(rid)
+        pending = sorted(range(len(prompts)), key=lambda i: offsets[i], reverse=True)
+        ids = [f"local-{self._next_id + i}" for i in range(len(prompts))]
+        self._next_id += len(prompts)
         done: dict[str, Completion] = {}
         while len(done) < len(ids):
             now = time.monotonic()
+            while pending and start + offsets[pending[-1]] <= now:
+                # Arrived on schedule, though seen only now (after the iteration in flight):
+                # TTFT counts that wait, as it would for a request reaching a busy server.
+                i = pending.pop()
+                self.core.submit(Request(ids[i], len(prompts[i]), max_tokens, start + offsets[i],
+                                         prompt_token_ids=list(prompts[i]), sampling=sampling), now)
             plan = self.core.plan(0, now)
             if plan is None:
-                wake = self.core.next_wake(0)
-                time.sleep(max(0.0, (wake or now + 1e-3) - now))
+                wake = self.core.next_wake(0) or now + 1e-3
+                if pending:
+                    wake = min(wake, start + offsets[pending[-1]])
+                time.sleep(max(0.0, wake - now))
                 continue
-            result = self.actor.execute(plan)
-            model = self.cost_fit.observe(plan.num_new_tokens, plan.num_attended_kv, result.step_time_s)
-            if model is not None and hasattr(self.core.policy, "set_cost"):
-                self.core.policy.set_cost(model)
-            for ev in self.core.commit(plan, result, time.monotonic()):
-                if ev.finish_reason:
-                    r = ev.request
-                    done[r.request_id] = Completion(list(r.output_token_ids), ev.finish_reason,
-                                                    r.arrival_time, r.first_token_time, r.finish_time)
+            self._step(plan, done)
         return [done[rid] for rid in ids]
+
+    def _step(self, plan, done: dict[str, Completion]) -> None:
+        """Execute one plan, learn its cost, commit it and record finished requests."""
+        result = self.actor.execute(plan)
+        model = self.cost_fit.observe(plan.num_new_tokens, plan.num_attended_kv, result.step_time_s)
+        if model is not None and hasattr(self.core.policy, "set_cost"):
+            self.core.policy.set_cost(model)
+        for ev in self.core.commit(plan, result, time.monotonic()):
+            if ev.finish_reason:
+                r = ev.request
+                done[r.request_id] = Completion(list(r.output_token_ids), ev.finish_reason,
+                                                r.arrival_time, r.first_token_time, r.finish_time)

@@ -1,11 +1,22 @@
 """What Ray Serve costs: the same workload in-process (LocalEngine) and through the full stack.
 
-    python -m bench.serve_overhead [--requests 16] [--prompt 64] [--output 32] [--json]
+    python -m bench.serve_overhead [--requests 16] [--prompt 64] [--output 32] [--threads 1]
+                                   [--interval 0.5] [--json]
 
-Both sides run the default model with the same policy and threads; the Serve side streams over
-HTTP (the OpenAI API) with every request sent at once, as the in-process side submits them.
-Prints a table and, last, one JSON line: output tok/s both ways, the throughput cost (target
-< 10%), and the median TTFT added (target < 50 ms).
+Both sides run the default model with the same policy and torch threads (default 1, as
+deploy/configs/local.yaml gives its model actor one CPU and leaves the other core to the proxy,
+ingress and scheduler, the way a GPU deployment leaves the CPUs to the serving stack). Two runs:
+
+  burst   all requests sent at once, streamed over HTTP (the OpenAI API) as the in-process side
+          submits them: output tok/s both ways gives the throughput cost (target < 10%);
+  paced   one request every --interval seconds, the same schedule on both sides: the median
+          TTFT added by the Serve path (target < 50 ms). In a burst the Serve side also
+          receives the requests spread over tens of ms (each crosses the proxy and the
+          ingress), so the first ones start an iteration the rest must wait out; the burst's
+          TTFT difference is reported too, but it measures that, not the path.
+
+The two sides alternate over --rounds rounds in one process (this box's speed drifts); the
+figures are medians over rounds. Prints a table and, last, one JSON line (also written to bench/results/serve_overhead.json).
 """
 from __future__ import annotations
 
@@ -16,9 +27,13 @@ import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
-THREADS = 2
+from scheduler.request import SamplingParams
+
 POLICY = "vllm"  # the same on both sides: this measures Ray Serve, not the policy
+RESULTS = Path(__file__).resolve().parent / "results"
+NO_EOS = SamplingParams(ignore_eos=True)
 
 
 def workload(n: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
@@ -26,21 +41,67 @@ def workload(n: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(1000, 20000) for _ in range(prompt_len)] for _ in range(n)]
 
 
-def in_process(prompts: list[list[int]], output: int, model: str) -> dict:
-    from actors.local_engine import LocalEngine
-    from scheduler.request import SamplingParams
+class InProcess:
+    """The engine in this process: LocalEngine with the same policy, cache and threads."""
 
-    engine = LocalEngine(model, policy=POLICY, kv_cache_tokens=16384, num_threads=THREADS)
-    engine.generate(prompts[:2], 4)  # warm-up
-    start = time.monotonic()
-    done = engine.generate(prompts, output, SamplingParams(ignore_eos=True))
-    elapsed = time.monotonic() - start
-    return {"output_tok_s": sum(len(c.token_ids) for c in done) / elapsed,
-            "ttft_p50_s": statistics.median(c.first_token - start for c in done)}
+    def __init__(self, model: str, threads: int) -> None:
+        from actors.local_engine import LocalEngine
+
+        self.engine = LocalEngine(model, policy=POLICY, kv_cache_tokens=16384, num_threads=threads)
+        self.engine.generate([[1000] * 8], 4)  # warm-up
+
+    def burst(self, prompts: list[list[int]], output: int) -> dict:
+        start = time.monotonic()
+        done = self.engine.generate(prompts, output, NO_EOS)
+        elapsed = time.monotonic() - start
+        return {"output_tok_s": sum(len(c.token_ids) for c in done) / elapsed,
+                "ttft_p50_s": statistics.median(c.first_token - c.arrival for c in done)}
+
+    def paced(self, prompts: list[list[int]], output: int, interval: float) -> float:
+        done = self.engine.generate(prompts, output, NO_EOS, offsets=_offsets(prompts, interval))
+        return statistics.median(c.first_token - c.arrival for c in done)
 
 
-async def _stream_one(client, url: str, prompt: list[int], output: int, t0: float) -> tuple[float, int]:
-    first, tokens = None, 0
+class ThroughServe:
+    """The same engine as a local Serve app, driven over HTTP with the OpenAI API."""
+
+    def __init__(self, model: str, threads: int, port: int) -> None:
+        from deploy.local import start
+
+        url = start({"model": model, "policy": POLICY, "num_model_actors": 1,
+                     "model_actor_resources": {"num_cpus": threads, "num_gpus": 0},
+                     "kv_cache_tokens": 16384}, port=port, num_cpus=threads + 1)
+        self.url = f"{url}/v1/completions"
+        asyncio.run(self._gather([[1000] * 8], 4, 0.0))  # warm-up
+
+    def burst(self, prompts: list[list[int]], output: int) -> dict:
+        start = time.monotonic()
+        results = asyncio.run(self._gather(prompts, output, 0.0))
+        elapsed = time.monotonic() - start
+        return {"output_tok_s": sum(t for _, t in results) / elapsed,
+                "ttft_p50_s": statistics.median(t for t, _ in results)}
+
+    def paced(self, prompts: list[list[int]], output: int, interval: float) -> float:
+        return statistics.median(t for t, _ in asyncio.run(self._gather(prompts, output, interval)))
+
+    async def _gather(self, prompts, output: int, interval: float) -> list[tuple[float, int]]:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=600) as client:
+            return await asyncio.gather(*(_stream_one(client, self.url, p, output, delay)
+                                          for p, delay in zip(prompts, _offsets(prompts, interval))))
+
+    @staticmethod
+    def close() -> None:
+        from deploy.local import stop
+
+        stop()
+
+
+async def _stream_one(client, url: str, prompt: list[int], output: int, delay: float = 0.0) -> tuple[float, int]:
+    """Send one streaming request after `delay` s; (its TTFT, completion tokens)."""
+    await asyncio.sleep(delay)
+    sent, first, tokens = time.monotonic(), None, 0
     body = {"prompt": prompt, "max_tokens": output, "stream": True, "ignore_eos": True, "temperature": 0}
     async with client.stream("POST", url, json=body) as resp:
         async for line in resp.aiter_lines():
@@ -49,31 +110,41 @@ async def _stream_one(client, url: str, prompt: list[int], output: int, t0: floa
                 chunk = json.loads(line[6:])
                 if chunk["choices"][0].get("finish_reason"):
                     tokens = chunk["usage"]["completion_tokens"]
-    return first - t0, tokens
+    return first - sent, tokens
 
 
-async def _serve_run(url: str, prompts: list[list[int]], output: int) -> dict:
-    import httpx
-
-    async with httpx.AsyncClient(timeout=600) as client:
-        await _stream_one(client, url, prompts[0], 4, time.monotonic())  # warm-up
-        start = time.monotonic()
-        results = await asyncio.gather(*(_stream_one(client, url, p, output, start) for p in prompts))
-        elapsed = time.monotonic() - start
-    return {"output_tok_s": sum(t for _, t in results) / elapsed,
-            "ttft_p50_s": statistics.median(t for t, _ in results)}
+def _offsets(prompts: list, interval: float) -> list[float]:
+    return [i * interval for i in range(len(prompts))]
 
 
-def through_serve(prompts: list[list[int]], output: int, model: str, port: int) -> dict:
-    from deploy.local import start, stop
-
-    url = start({"model": model, "policy": POLICY, "num_model_actors": 1,
-                 "model_actor_resources": {"num_cpus": THREADS, "num_gpus": 0},
-                 "kv_cache_tokens": 16384}, port=port, num_cpus=THREADS + 1)
+def measure(args) -> dict:
+    """Rounds alternate in-process and Serve runs, so both see the same machine speed."""
+    prompts = workload(args.requests, args.prompt)
+    local = InProcess(args.model, args.threads)
+    served = ThroughServe(args.model, args.threads, args.port)
+    rounds = []
     try:
-        return asyncio.run(_serve_run(f"{url}/v1/completions", prompts, output))
+        for _ in range(args.rounds):
+            lb, sb = local.burst(prompts, args.output), served.burst(prompts, args.output)
+            lp = local.paced(prompts, args.output, args.interval)
+            sp = served.paced(prompts, args.output, args.interval)
+            rounds.append({"in_process_output_tok_s": lb["output_tok_s"], "serve_output_tok_s": sb["output_tok_s"],
+                           "burst_in_process_ttft_p50_s": lb["ttft_p50_s"], "burst_serve_ttft_p50_s": sb["ttft_p50_s"],
+                           "in_process_ttft_p50_s": lp, "serve_ttft_p50_s": sp})
     finally:
-        stop()
+        served.close()
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    return {
+        "requests": args.requests, "prompt_tokens": args.prompt, "output_tokens": args.output,
+        "threads": args.threads, "interval_s": args.interval, "rounds": args.rounds,
+        **{k: round(v, 4) for k, v in med.items()},
+        "throughput_cost": round(statistics.median(1 - r["serve_output_tok_s"] / r["in_process_output_tok_s"]
+                                                   for r in rounds), 4),
+        "ttft_added_s": round(statistics.median(r["serve_ttft_p50_s"] - r["in_process_ttft_p50_s"]
+                                                for r in rounds), 4),
+        "burst_ttft_added_s": round(statistics.median(r["burst_serve_ttft_p50_s"] - r["burst_in_process_ttft_p50_s"]
+                                                      for r in rounds), 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,26 +152,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--output", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the model, both sides")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between paced requests")
+    p.add_argument("--rounds", type=int, default=3, help="alternating in-process / Serve rounds")
     p.add_argument("--model", default="default")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--out", default=str(RESULTS / "serve_overhead.json"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    prompts = workload(args.requests, args.prompt)
-    local = in_process(prompts, args.output, args.model)
-    served = through_serve(prompts, args.output, args.model, args.port)
-    out = {
-        "requests": args.requests, "prompt_tokens": args.prompt, "output_tokens": args.output,
-        "in_process_output_tok_s": round(local["output_tok_s"], 2),
-        "serve_output_tok_s": round(served["output_tok_s"], 2),
-        "throughput_cost": round(1 - served["output_tok_s"] / local["output_tok_s"], 4),
-        "in_process_ttft_p50_s": round(local["ttft_p50_s"], 4),
-        "serve_ttft_p50_s": round(served["ttft_p50_s"], 4),
-        "ttft_added_s": round(served["ttft_p50_s"] - local["ttft_p50_s"], 4),
-    }
-    print(f"{'':14}{'output tok/s':>14}{'TTFT p50 (s)':>14}")
-    print(f"{'in-process':14}{out['in_process_output_tok_s']:>14.1f}{out['in_process_ttft_p50_s']:>14.3f}")
-    print(f"{'Ray Serve':14}{out['serve_output_tok_s']:>14.1f}{out['serve_ttft_p50_s']:>14.3f}")
-    print(f"throughput cost {out['throughput_cost']:.1%}, TTFT added {out['ttft_added_s'] * 1e3:.0f} ms")
+    out = measure(args)
+    print(f"{'':14}{'burst tok/s':>13}{'burst TTFT p50':>16}{'paced TTFT p50':>16}")
+    for name, key in (("in-process", "in_process"), ("Ray Serve", "serve")):
+        print(f"{name:14}{out[key + '_output_tok_s']:>13.1f}{out['burst_' + key + '_ttft_p50_s']:>15.3f}s"
+              f"{out[key + '_ttft_p50_s']:>15.3f}s")
+    print(f"throughput cost {out['throughput_cost']:.1%} (target < 10%), paced TTFT added "
+          f"{out['ttft_added_s'] * 1e3:.0f} ms (target < 50 ms), burst TTFT added "
+          f"{out['burst_ttft_added_s'] * 1e3:.0f} ms")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
     return 0
 

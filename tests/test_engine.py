@@ -305,3 +305,19 @@ def test_sampler_modes_seeds_stops_and_logprobs() -> None:
     assert draws <= top20
     ignore = SamplingParams(ignore_eos=True)
     assert sampler(logits[:1], [SampleRow("g", ignore, 0)])[0].finish_reason is None
+
+
+def test_local_engine_replays_arrival_offsets():
+    """Timed arrivals (the in-process side of bench.serve_overhead): same tokens as a burst,
+    arrivals on schedule, TTFT counted from the scheduled arrival."""
+    from actors.local_engine import LocalEngine
+
+    engine = LocalEngine("random:tiny", kv_cache_tokens=2048, num_threads=1)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    greedy = SamplingParams(ignore_eos=True)
+    burst = engine.generate(prompts, 4, greedy)
+    paced = engine.generate(prompts, 4, greedy, offsets=[0.1, 0.0, 0.05])
+    assert [c.token_ids for c in paced] == [c.token_ids for c in burst]
+    arrivals = [c.arrival - paced[1].arrival for c in paced]
+    assert arrivals == pytest.approx([0.1, 0.0, 0.05], abs=1e-6)
+    assert all(c.first_token >= c.arrival for c in paced)
