@@ -4,7 +4,8 @@
         (--rates R1,R2,... | --loads 0.5,0.7,0.9) [--num-requests N] [--model random:tiny|default]
         [--max-prompt P] [--max-output O] [--out-dir bench/results] [--json]
 
-For each policy the Serve app is (re)deployed on one CPU model actor in one Ray cluster. The cost
+At each rate the policies run side by side (the box's speed drifts over minutes), the Serve app
+(re)deployed for each on one CPU model actor in one Ray cluster. The cost
 model is fitted to the live system itself (or read from --cost-file; a fit is only valid on the
 box and at the background load it was taken on; it is saved to the out dir): lone prefills
 and lockstep decode batches sent through the API under a work-conserving policy, timed at the
@@ -66,8 +67,8 @@ class LiveConfig:
     max_output: int = loadgen.DEFAULT_MAX_OUTPUT
     kv_cache_tokens: int = 16384
     cost_file: str | None = None  # a live calibration to reuse (default: calibrate now)
-    # Re-fit before every policy: on a shared box the speed drifts between policies (the load
-    # stays the first calibration's, so all policies see the same arrivals).
+    # Re-fit before every rate: on a shared box the speed drifts (the loads stay the first
+    # calibration's, so all policies see the same arrivals; the policies of one rate share a fit).
     calibrate_each: bool = False
     out_dir: Path = RESULTS_DIR
     port: int = 8000
@@ -187,20 +188,18 @@ def sim_error(live: dict, sim: dict) -> float:
                relative(sim["throughput_tok_s"], live["throughput_tok_s"]))
 
 
-def run_policy_live(config: LiveConfig, policy: str, url: str, cost: CostModel,
-                    plan: list[tuple[float, float]]) -> list[dict]:
-    runs = []
-    for rate, load in plan:
-        arrivals = arrivals_at(config, rate)
-        _log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests")
-        live = loadgen.report(loadgen.run_sync(url, arrivals, progress=config.progress))
-        sim = simulate(policy, arrivals, cost)
-        runs.append({"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim,
-                     "sim_error": sim_error(live, sim), "cost": asdict(cost)})
-        _log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
-                     f"sim mean {sim['latency_mean_s']:.2f}s {sim['throughput_tok_s']:.1f} tok/s | "
-                     f"error {runs[-1]['sim_error']:.0%}")
-    return runs
+def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: float, load: float) -> dict:
+    """One policy at one rate: the load generator against the app, and the simulator."""
+    arrivals = arrivals_at(config, rate)
+    _log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests")
+    live = loadgen.report(loadgen.run_sync(url, arrivals, progress=config.progress))
+    sim = simulate(policy, arrivals, cost)
+    run = {"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim,
+           "sim_error": sim_error(live, sim), "cost": asdict(cost)}
+    _log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
+                 f"sim mean {sim['latency_mean_s']:.2f}s {sim['throughput_tok_s']:.1f} tok/s | "
+                 f"error {run['sim_error']:.0%}")
+    return run
 
 
 # --- the whole comparison ------------------------------------------------------------------------
@@ -230,21 +229,26 @@ def run(config: LiveConfig, deploy: Deployer | None = None) -> dict:
     if cost is not None:
         cost.save(cost_file)
     r2 = None
-    # Work-conserving policies first: a calibration must not see a threshold policy's idling.
-    order = sorted(config.policies, key=lambda p: p in THRESHOLD_POLICIES)
-    results: dict[str, list[dict]] = {}
-    plan: list[tuple[float, float]] = []
-    for i, policy in enumerate(order):
-        if cost is None or (config.calibrate_each and i > 0):
-            first = policy if policy not in THRESHOLD_POLICIES else "vllm"
-            fitted = calibrate_live(deploy(app_args(config, first, None)), config)
-            cost, r2 = fitted.model, fitted.r2
-            cost.save(cost_file)
-        url = deploy(app_args(config, policy, cost_file))
-        # Rates from the first calibration: every policy sees the same arrivals.
-        plan = plan or rate_plan(config, cost)
-        results[policy] = run_policy_live(config, policy, url, cost, plan)
-    runs = [r for p in config.policies for r in results[p]]
+
+    def calibrate() -> CostModel:
+        nonlocal r2
+        # Under a work-conserving policy: a calibration must not see a threshold policy idle.
+        fitted = calibrate_live(deploy(app_args(config, "vllm", None)), config)
+        fitted.model.save(cost_file)
+        r2 = fitted.r2
+        return fitted.model
+
+    cost = cost or calibrate()
+    plan = rate_plan(config, cost)  # from the first calibration: every policy, the same arrivals
+    runs = []
+    for k, (rate, load) in enumerate(plan):
+        if config.calibrate_each and k > 0:
+            cost = calibrate()
+        # The policies side by side at each rate: this box's speed drifts over minutes, and
+        # the comparison must not depend on which policy ran when.
+        for policy in config.policies:
+            runs.append(run_one(config, policy, deploy(app_args(config, policy, cost_file)), cost, rate, load))
+    runs.sort(key=lambda r: (config.policies.index(r["policy"]), r["rate"]))
     return {"model": config.model, "cost": asdict(cost), "cost_r2": r2, "cost_file": str(cost_file),
             "num_requests": config.num_requests, "max_prompt": config.max_prompt,
             "max_output": config.max_output, "runs": runs}
@@ -343,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-file", help="reuse this live calibration (e.g. a cost-*-live.json an "
                    "earlier run wrote to --out-dir) instead of calibrating; only on the same box")
     p.add_argument("--calibrate-each", action="store_true",
-                   help="re-fit the cost model before every policy (a shared, drifting box)")
+                   help="re-fit the cost model before every rate (a shared, drifting box)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--json", action="store_true", help="print {\"runs\": [...]} as the last line")
