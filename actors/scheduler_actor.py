@@ -59,6 +59,10 @@ class EngineArgs:
     attention: str = "auto"
     cost_file: str | None = None
     model_name: str | None = None  # the name clients pass as `model` (default: model)
+    # After a stream's first token, send its tokens at most this often (like Ray Serve LLM's
+    # stream batching): at GPU speed every iteration would otherwise be one message per request
+    # through Serve. 0 sends every iteration's token at once.
+    stream_interval_s: float = 0.05
 
 
 class SchedulerActor:
@@ -172,13 +176,12 @@ class SchedulerActor:
         finished = False
         try:
             yield {"request_id": rid, "prompt_tokens": req.prompt_len}
+            last_sent: float | None = None  # the first token goes out at once (TTFT)
             while not finished:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                out = _merge(items)
+                out = await next_message(queue, last_sent, self.args.stream_interval_s)
                 finished = out["finish_reason"] is not None
                 yield out
+                last_sent = time.monotonic()
         finally:
             self.streams.pop(rid, None)
             if not finished:
@@ -376,6 +379,24 @@ class SchedulerActor:
                                           r.num_generated) for r in list(self.core.requests.values())[:8]},
             **self.core.counts(),
         }
+
+
+async def next_message(queue: asyncio.Queue, last_sent: float | None, interval_s: float) -> dict:
+    """A stream's next message: everything queued for it, held back until `interval_s` after
+    the previous message (the first token, `last_sent` None, and the last one go at once)."""
+    items = [await queue.get()]
+    if last_sent is not None and not _final(items[-1]):
+        wait = last_sent + interval_s - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return _merge(items)
+
+
+def _final(item) -> bool:
+    """A queued item that ends its stream (the last token, or a failed step)."""
+    return isinstance(item, dict) or item.finish_reason is not None
 
 
 def _merge(items: list) -> dict:

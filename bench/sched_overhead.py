@@ -34,7 +34,8 @@ from scheduler.workload import DEFAULT_TRACE, Arrival, read_trace, trace_workloa
 
 ITERATION_S = {"cpu_20ms": 0.020, "a100_10ms": 0.010}
 TARGET_SHARE = 0.05
-CALIBRATION = Path(__file__).resolve().parent / "results" / "cost-default-live.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+CALIBRATION = RESULTS / "cost-default-live.json"
 
 
 @dataclass(frozen=True)
@@ -122,17 +123,20 @@ def budgets() -> dict[str, float]:
     return out
 
 
-def print_table(rows: list[dict], budget: dict[str, float]) -> None:
+def print_table(rows: list[dict], budget: dict[str, float]) -> str:
+    """Print the table and return it."""
     names = list(budget)
-    head = f"{'policy':<12} {'waiting':>8} {'batch':>6} {'cpu us':>8} {'p90 us':>8} {'wall us':>8} " \
-        f"{'us/req':>7} " + " ".join(f"{'% of ' + n:>18}" for n in names) + f" {'% of own batch':>15}"
-    print(head)
+    lines = [f"{'policy':<12} {'waiting':>8} {'batch':>6} {'cpu us':>8} {'p90 us':>8} {'wall us':>8} "
+             f"{'us/req':>7} " + " ".join(f"{'% of ' + n:>18}" for n in names) + f" {'% of own batch':>15}"]
     for r in rows:
-        print(f"{r['policy']:<12} {r['waiting']:>8} {r['mean_batch']:>6.0f} {r['mean_us']:>8.0f} "
-              f"{r['p90_us']:>8.0f} {r['wall_mean_us']:>8.0f} {r['us_per_request']:>7.1f} "
-              + " ".join(f"{100 * r['share_' + n]:>17.2f}%" for n in names)
-              + f" {100 * r['share_own_batch_a100']:>14.2f}%")
-    print("budgets: " + ", ".join(f"{n} = {s * 1e3:.1f} ms" for n, s in budget.items()))
+        lines.append(f"{r['policy']:<12} {r['waiting']:>8} {r['mean_batch']:>6.0f} {r['mean_us']:>8.0f} "
+                     f"{r['p90_us']:>8.0f} {r['wall_mean_us']:>8.0f} {r['us_per_request']:>7.1f} "
+                     + " ".join(f"{100 * r['share_' + n]:>17.2f}%" for n in names)
+                     + f" {100 * r['share_own_batch_a100']:>14.2f}%")
+    lines.append("budgets: " + ", ".join(f"{n} = {s * 1e3:.1f} ms" for n, s in budget.items()))
+    table = "\n".join(lines)
+    print(table)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         for waiting in (int(w) for w in args.waiting.split(",")):
             row = measure(policy, waiting, cost, args.iterations, args.warmup)
             rows.append({**row, **shares(row, budget)})
-    print_table(rows, budget)
+    table = print_table(rows, budget)
     worst = max(r["share_a100_10ms"] for r in rows)
     out = {"rows": rows, "budgets_s": budget, "max_share_a100_10ms": worst, "target_share": TARGET_SHARE}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sched_overhead.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / "sched_overhead.md").write_text(f"```\n{table}\n```\n")
     if args.json:
         print(json.dumps(out))
     return 0

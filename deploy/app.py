@@ -45,6 +45,8 @@ class AppArgs(EngineArgs):
             raise ValueError(f"unknown policy {out.policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
         if out.num_model_actors < 1:
             raise ValueError("num_model_actors must be at least 1")
+        if not out.stream_interval_s >= 0:
+            raise ValueError(f"stream_interval_s must be >= 0, got {out.stream_interval_s}")
         return out
 
     def engine_args(self) -> EngineArgs:

@@ -36,6 +36,7 @@ ARGS_KEYS = {
     "block_size",
     "max_num_seqs",
     "max_queue_len",
+    "stream_interval_s",
     "dtype",
     "api_key_env",
     "ingress_replicas",

@@ -74,9 +74,15 @@ class WaitPolicy(ThresholdPolicy):
     def _batch(self, q: WorkerQueues, types, stage_cap: int | None = None) -> Batch:
         """Types `types`: at most caps[j] (or stage_cap) requests per stage, caps[j] prefills."""
         batch: Batch = []
+        types = list(types)
         for j in types:
             for bucket in q.groups[j].stages.values():
                 take_stage(bucket, stage_cap or self.caps[j], batch)
+        # Prefills after every decode (as cap_to_seqs orders them), and only while the batch has
+        # room: with hundreds of types, visiting every type's queue would cost more than the plan.
+        for j in types:
+            if len(batch) >= self.config.max_num_seqs:
+                break
             take_prefills(q, j, self.caps[j], batch)
         return cap_to_seqs(batch, self.config.max_num_seqs)
 

@@ -59,6 +59,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "block_size" (int $v.kvCache.blockSize)
   "max_num_seqs" (int $v.scheduler.maxNumSeqs)
   "max_queue_len" (int $v.scheduler.maxQueueLen)
+  "stream_interval_s" (float64 $v.scheduler.streamIntervalS)
   "dtype" $v.model.dtype
   "api_key_env" "FLUIDSERVE_API_KEY"
   "ingress_replicas" (int $v.ingress.replicas)
