@@ -7,6 +7,8 @@ one weight each at load time: fewer, larger GEMMs.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,17 @@ from actors.model.config import ModelConfig, ModelLoadError
 from actors.model.loader import LoadedModel
 from actors.model.rotary import RotaryEmbedding, apply_rotary
 from kv.cache import KVCache
+
+
+def linear_op(device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """x @ w.T. On CPU, oneDNN's linear: 10% faster than the MKL sgemm behind F.linear on
+    1,000-row prefills and 30-45% faster on the 1-256-row batches of decoding (measured on
+    AVX-512, fp32, cold weights). `FLUIDSERVE_ONEDNN=0` falls back to F.linear."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if device.type != "cpu" or dtype != torch.float32 or op is None \
+            or not torch.backends.mkldnn.is_available() or os.environ.get("FLUIDSERVE_ONEDNN", "1") == "0":
+        return F.linear
+    return lambda x, w: op(x, w, None, "none", [], "")
 
 
 @dataclass
@@ -46,6 +59,7 @@ class LlamaModel:
         except KeyError as exc:
             raise ModelLoadError(f"{loaded.name}: missing weight {exc.args[0]}") from None
         c = self.config
+        self.linear = linear_op(self.device, self.dtype)
         self.rotary = RotaryEmbedding(c.head_dim, c.max_model_len, c.rope_theta, c.rope_scaling,
                                       self.device, self.dtype)
 
@@ -74,24 +88,24 @@ class LlamaModel:
     def forward(self, batch: StepBatch, cache: KVCache, backend: AttentionBackend,
                 meta: object) -> torch.Tensor:
         """Run one step; returns fp32 logits `[num_sampled_rows, vocab]`."""
-        c = self.config
+        c, linear = self.config, self.linear
         t = batch.num_tokens
         cos, sin = self.rotary.tables(batch.positions)
         h = F.embedding(batch.input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = self.rms_norm(h, layer.input_norm)
-            qkv = F.linear(x, layer.qkv)
+            qkv = linear(x, layer.qkv)
             q = apply_rotary(qkv[:, : c.q_size].view(t, c.num_heads, c.head_dim), cos, sin)
             k = apply_rotary(qkv[:, c.q_size : c.q_size + c.kv_size]
                              .view(t, c.num_kv_heads, c.head_dim), cos, sin)
             v = qkv[:, c.q_size + c.kv_size :].view(t, c.num_kv_heads, c.head_dim)
             cache.write(i, k, v, batch.slot_mapping)
             attn = backend.forward(i, q, k, v, cache, meta)
-            h = h + F.linear(attn.view(t, c.q_size), layer.o)
+            h = h + linear(attn.view(t, c.q_size), layer.o)
             x = self.rms_norm(h, layer.post_norm)
-            gate_up = F.linear(x, layer.gate_up)
+            gate_up = linear(x, layer.gate_up)
             act = F.silu(gate_up[:, : c.intermediate_size])
             act.mul_(gate_up[:, c.intermediate_size :])
-            h = h + F.linear(act, layer.down)
+            h = h + linear(act, layer.down)
         last = self.rms_norm(h.index_select(0, batch.sample_rows), self.final_norm)
-        return F.linear(last, self.lm_head).float()
+        return linear(last, self.lm_head).float()
