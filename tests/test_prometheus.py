@@ -13,7 +13,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -30,6 +29,7 @@ import yaml
 
 from monitoring.metrics import CONTENT_TYPE, ServingMetrics
 from scheduler.request import Request
+from tests.conftest import free_port, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -52,12 +52,6 @@ def tool(name: str) -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_json(url: str, timeout: float = 5.0) -> dict:
@@ -260,12 +254,7 @@ def prometheus(metrics_target: MetricsTarget, tmp_path_factory) -> Iterator[str]
             wait_for_scrapes(url, proc, log_path)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+            stop_process(proc, timeout_s=15)
 
 
 def wait_for_scrapes(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90) -> None:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from deploy.local import wait_ready
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -105,8 +105,4 @@ def test_serve_deploy_then_serve_run(ray_head, tmp_path):
         wait_ready(url, timeout_s=300, alive=lambda: run.poll() is None)
         assert _complete(url)
     finally:
-        run.terminate()
-        try:
-            run.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            run.kill()
+        stop_process(run, timeout_s=60)

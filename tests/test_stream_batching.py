@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from itertools import pairwise
 
 from actors.scheduler_actor import next_message
 from scheduler.core import TokenEvent
@@ -37,7 +38,7 @@ def test_fast_tokens_are_batched_first_and_last_go_at_once():
     assert messages[0][0] - start < 0.04
     assert len(messages) <= 8  # ~0.2 s of tokens at 50 ms per message, not 40 messages
     assert messages[-1][1]["finish_reason"] == "length"
-    gaps = [b - a for (a, _), (b, _) in zip(messages, messages[1:-1])]
+    gaps = [b - a for (a, _), (b, _) in pairwise(messages[:-1])]
     assert all(g >= 0.045 for g in gaps)
 
 
