@@ -70,7 +70,7 @@ class LocalEngine:
 
     def _step(self, plan, done: dict[str, Completion]) -> None:
         """Execute one plan, learn its cost, commit it and record finished requests."""
-        result = self.actor.execute(plan)
+        result = self.actor.execute(plan.wire)
         model = self.cost_fit.observe(plan.num_new_tokens, plan.num_attended_kv, result.step_time_s)
         if model is not None and hasattr(self.core.policy, "set_cost"):
             self.core.policy.set_cost(model)

@@ -28,7 +28,7 @@ from monitoring.metrics import ServingMetrics
 from scheduler.core import SchedulerCore, TokenEvent
 from scheduler.cost import CostModel, OnlineCostFit
 from scheduler.errors import SchedulingError
-from scheduler.plan import Plan
+from scheduler.plan import ScheduledBatch as Plan
 from scheduler.policies import PolicyConfig, make_policy
 from scheduler.request import Request, SamplingParams
 
@@ -250,7 +250,7 @@ class SchedulerActor:
 
     async def _execute(self, w: int, plan: Plan):
         try:
-            return await self.workers[w].execute.remote(plan)
+            return await self.workers[w].execute.remote(plan.wire)
         except TaskCancelledError:
             self.core.reset_worker(w, time.monotonic())
             return None
@@ -294,7 +294,7 @@ class SchedulerActor:
 
     def _record(self, w: int, plan: Plan, result, events: list[TokenEvent], wall_s: float) -> None:
         m = self.metrics
-        m.on_iteration(w, result.step_time_s, plan.num_new_tokens, len(plan.chunks))
+        m.on_iteration(w, result.step_time_s, plan.num_new_tokens, len(plan))
         if plan.evicted:
             m.on_evictions(len(plan.evicted))
         if events:

@@ -3,12 +3,23 @@
 The same core runs in the live scheduler actor and in the simulator:
 
     core.submit(request, now)                 # or raises a SchedulingError
-    plan = core.plan(worker, now)             # None: nothing to run now (see next_wake)
-    events = core.commit(plan, result, now)   # tokens appended, finished requests freed
+    batch = core.plan(worker, now)            # None: nothing to run now (see next_wake)
+    events = core.commit(batch, result, now)  # tokens appended, finished requests freed
 
 KV is accounted per model actor with a `BlockPool`. When a batch would not fit, the newest
 admissions are dropped from it and then resident requests are evicted LIFO (their KV freed, they
 re-prefill prompt + generated tokens later): the pool is never over-committed.
+
+Planning may run ahead of execution (vLLM v1's async scheduling): `plan` applies a batch's
+effects at once, as if it had run: `num_computed_tokens` advances, and every row that samples
+adds an output placeholder (`num_pending`) that `num_generated`, the request's stage and
+`total_len` already count. So the next `plan`, made while this batch still runs, sees every
+request as it will be after it; a request whose last token (by `max_tokens`, its known output
+length or the context) is in flight is in no stage and is not scheduled again. `commit`
+reconciles: it fills the placeholders with the sampled tokens, finishes requests that hit EOS or
+a stop token (dropping their placeholders: tokens sampled for them in later batches are
+discarded), and returns requests evicted with tokens in flight (`parked`) to the restart queue
+once those are back. The simulator plans and commits in turn, which is the same code.
 """
 from __future__ import annotations
 
@@ -16,13 +27,12 @@ from dataclasses import dataclass
 
 from kv.blocks import BlockPool
 from scheduler.errors import DuplicateRequest, QueueFull, RequestTooLong, SchedulingError
-from scheduler.plan import Plan, ScheduledChunk, StepResult
+from scheduler.plan import DiffPlan, NewRequestData, ScheduledBatch, StepResult, int_array
 from scheduler.policies.base import Batch, Policy
 from scheduler.queues import GroupQueues, WorkerQueues
-from scheduler.request import Request, RequestState
+from scheduler.request import DONE_STATES, Request, RequestState
 
-
-_NONE: list[int] = []  # shared empty list for unmaterialized chunks (never mutated)
+_RUNNING = RequestState.RUNNING
 
 
 @dataclass(slots=True)
@@ -50,7 +60,7 @@ class SchedulerCore:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_queue_len = max_queue_len  # 0: unbounded
-        # The simulator needs no token ids, block tables or slots: skipping them keeps it fast.
+        # The simulator sends no plans: skipping the wire form (token ids, blocks) keeps it fast.
         self.materialize = materialize
         self.workers = [
             WorkerQueues(i, BlockPool(n, block_size), [GroupQueues() for _ in range(policy.num_groups)])
@@ -102,10 +112,9 @@ class SchedulerCore:
         return min(self.workers, key=lambda w: w.num_waiting + w.num_resident).worker
 
     # -- planning --------------------------------------------------------------------------
-    def plan(self, worker: int, now: float) -> Plan | None:
+    def plan(self, worker: int, now: float) -> ScheduledBatch | None:
+        """The next batch of `worker`, planned as if every batch in flight had run."""
         q = self.workers[worker]
-        if q.busy:
-            raise RuntimeError(f"worker {worker} already has a plan in flight")
         if not q.has_work():
             return None
         batch, evicted = self._fit(q, self.policy.select(q, now))
@@ -120,10 +129,16 @@ class SchedulerCore:
         if not batch:
             return None
         self._mark_paused(worker, {req.request_id for req, _ in batch})
-        chunks = [self._schedule(q, req, n, now) for req, n in batch]
-        q.busy = True
-        self._iterations[worker] += 1
-        return Plan(worker, self._iterations[worker], chunks, self.block_size, evicted)
+        iteration = self._iterations[worker] + 1
+        step = ScheduledBatch(worker, iteration, q.epoch, evicted, self._wire(q, iteration))
+        for req, n in batch:
+            self._schedule(q, req, n, now, step)
+        if not step.requests:  # every row was a request whose last token is in flight
+            self._unwire(q, step.wire)
+            return None
+        self._iterations[worker] = iteration
+        q.in_flight += 1
+        return step
 
     def next_wake(self, worker: int) -> float | None:
         """When the starvation guard would run work that the policy holds back now."""
@@ -163,20 +178,34 @@ class SchedulerCore:
         return [b for i, b in enumerate(batch) if i not in dropped], evicted
 
     def _evict(self, q: WorkerQueues, req: Request) -> None:
-        self._release(q, req)
+        self._release(q, req, evicted=True)
+        req.num_evictions += 1
+        self.num_evictions += 1
+        if req.num_pending:
+            # Tokens of batches in flight are still to come (they ran on its KV before this
+            # eviction reaches the actor): it re-prefills once they are back.
+            req.num_computed_tokens = 0
+            req.state = RequestState.WAITING
+            q.parked[req.request_id] = req
+        else:
+            self._requeue(q, req)
+
+    def _requeue(self, q: WorkerQueues, req: Request) -> None:
+        """Back to the restart queue: re-prefill the prompt plus every generated token."""
         req.num_computed_tokens = 0
         req.prefill_target = req.total_len
-        req.num_evictions += 1
         req.state = RequestState.WAITING
         q.restart[req.request_id] = req
-        self.num_evictions += 1
 
-    def _release(self, q: WorkerQueues, req: Request) -> None:
-        """Drop a request from every resident index of its worker and free its KV."""
+    def _release(self, q: WorkerQueues, req: Request, evicted: bool = False) -> None:
+        """Drop a request from every resident index of its worker and free its KV and slot."""
         q.pool.free(req.request_id)
         q.resident.pop(req.request_id, None)
         q.prefilling.pop(req.request_id, None)
         q.groups[req.group].remove_decoder(req)
+        if req.slot >= 0:
+            q.slots.release(req.slot, evicted)
+            req.slot = -1
 
     def _mark_paused(self, worker: int, batch_ids: set[str]) -> None:
         for rid in self._last_batch[worker] - batch_ids:
@@ -186,95 +215,158 @@ class SchedulerCore:
                 req.waiting_since = self.workers[worker].idle_since
         self._last_batch[worker] = batch_ids
 
-    def _schedule(self, q: WorkerQueues, req: Request, n: int, now: float) -> ScheduledChunk:
-        rid = req.request_id
-        if not q.pool.has(rid):
-            q.restart.pop(rid, None)
-            q.groups[req.group].waiting.pop(rid, None)
-            q.resident[rid] = req
-            self._admissions += 1
-            req.admitted_seq = self._admissions
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-        start = req.num_computed_tokens
-        is_prefill = req.in_prefill
-        n = min(n, req.prefill_target - start) if is_prefill else 1
-        q.pool.reserve(rid, start + n)
-        sample = not is_prefill or start + n >= req.prefill_target
-        if is_prefill and not sample:
-            q.prefilling[rid] = req
-        req.state = RequestState.RUNNING
+    def _wire(self, q: WorkerQueues, iteration: int) -> DiffPlan | None:
+        """An empty diff plan carrying the slots freed since the last one."""
+        slots = q.slots
         if not self.materialize:
-            return ScheduledChunk(rid, _NONE, start, n, _NONE, _NONE, sample, req.sampling, is_prefill)
-        return ScheduledChunk(
-            request_id=rid,
-            token_ids=req.token_ids(start, start + n),
-            start_pos=start,
-            num_tokens=n,
-            block_table=list(q.pool.block_table(rid)),
-            slot_mapping=q.pool.slot_mapping(rid, start, start + n),
-            sample=sample,
-            sampling=req.sampling,
-            is_prefill=is_prefill,
-        )
+            slots.freed.clear()
+            slots.evicted.clear()
+            return None
+        wire = DiffPlan(q.worker, iteration, q.epoch, self.block_size,
+                        freed_slots=int_array(slots.freed), evicted_slots=int_array(slots.evicted))
+        slots.freed.clear()
+        slots.evicted.clear()
+        return wire
+
+    @staticmethod
+    def _unwire(q: WorkerQueues, wire: DiffPlan | None) -> None:
+        """A plan not sent after all: its announcements go with the next one."""
+        if wire is not None:
+            q.slots.freed[:0] = wire.freed_slots
+            q.slots.evicted[:0] = wire.evicted_slots
+
+    def _schedule(self, q: WorkerQueues, req: Request, n: int, now: float, step: ScheduledBatch) -> None:
+        rid = req.request_id
+        new = req.slot < 0
+        if new:
+            self._admit(q, req, now)
+        start = req.num_computed_tokens
+        target = req.prefill_target
+        group = q.groups[req.group]
+        if start < target:
+            is_prefill = True
+            n = min(n, target - start)
+            sample = start + n >= target
+            if sample:
+                q.prefilling.pop(rid, None)
+            else:
+                q.prefilling[rid] = req
+        else:
+            if self._at_limit(req):
+                return  # its last token is in flight: nothing left to schedule
+            is_prefill, n, sample = False, 1, True
+            group.remove_decoder(req)  # leaves its stage; re-added at the next one below
+            step.num_attended_kv += start + 1
+        end = start + n
+        added = q.pool.reserve(rid, end)
+        req.num_computed_tokens = end
+        req.state = _RUNNING
+        if sample:
+            req.num_generated += 1
+            req.num_pending += 1
+            if not self._at_limit(req):
+                group.add_decoder(req)
+            step.sampled.append(req)
+        step.requests.append(req)
+        step.num_tokens.append(n)
+        step.start_pos.append(start)
+        step.is_prefill.append(is_prefill)
+        step.num_new_tokens += n
+        wire = step.wire
+        if wire is None:
+            return
+        slot = req.slot
+        if new:
+            wire.new_requests.append(NewRequestData(
+                slot, rid, int_array(req.token_ids(0, target)),
+                int_array(q.pool.block_table(rid)), req.sampling, req.prompt_len))
+        elif added:
+            wire.grow_slots.extend([slot] * added)
+            wire.grow_blocks.extend(q.pool.block_table(rid)[-added:])
+        wire.slots.append(slot)
+        wire.num_tokens.append(n)
+        wire.start_pos.append(start)
+
+    def _admit(self, q: WorkerQueues, req: Request, now: float) -> None:
+        """A waiting request gets KV (a slot now, blocks as its rows reserve them)."""
+        rid = req.request_id
+        q.restart.pop(rid, None)
+        q.groups[req.group].waiting.pop(rid, None)
+        q.resident[rid] = req
+        self._admissions += 1
+        req.admitted_seq = self._admissions
+        req.slot = q.slots.take()
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = now
+
+    def _at_limit(self, req: Request) -> bool:
+        """Has the request (placeholders counted) generated all it may?"""
+        n = req.num_generated
+        return ((req.output_len is not None and n >= req.output_len) or n >= req.max_tokens
+                or (self.max_model_len is not None and req.prompt_len + n >= self.max_model_len))
 
     # -- commit ----------------------------------------------------------------------------
-    def commit(self, plan: Plan, result: StepResult, now: float) -> list[TokenEvent]:
-        """Apply one executed iteration: advance stages, append tokens, finish and free."""
-        q = self.workers[plan.worker]
-        q.busy = False
+    def commit(self, step: ScheduledBatch, result: StepResult, now: float) -> list[TokenEvent]:
+        """Apply one executed batch: fill its placeholders with tokens, finish and free."""
+        q = self.workers[step.worker]
+        if q.in_flight:
+            q.in_flight -= 1
         q.idle_since = now
-        sampled = iter(result.tokens)
+        if step.epoch != q.epoch:
+            return []  # the actor's state was reset since: these tokens are void
+        token_ids = result.token_ids
+        stops = set(result.stop_rows) if len(result.stop_rows) else None
+        logprobs = result.logprobs
         events: list[TokenEvent] = []
-        requests, has_kv, groups = self.requests, q.pool.has, q.groups
-        for chunk in plan.chunks:
-            token = next(sampled) if chunk.sample else None
-            req = requests.get(chunk.request_id)
-            # Finished, cancelled and evicted requests hold no KV: this one skip covers a
-            # request cancelled while the iteration ran.
-            if req is None or not has_kv(chunk.request_id):
+        append = events.append
+        for i, req in enumerate(step.sampled):
+            # Finished (EOS in an earlier batch) or cancelled since: the token is void.
+            if req.state in DONE_STATES:
                 continue
-            if not chunk.is_prefill:
-                groups[req.group].remove_decoder(req)
-            req.num_computed_tokens += chunk.num_tokens
-            if token is None:
-                continue
-            if chunk.is_prefill:
-                q.prefilling.pop(req.request_id, None)
-            event = self._append_token(q, req, token.token_id, token.finish_reason, now)
-            event.logprob = token.logprob
-            events.append(event)
+            event = self._append_token(q, req, token_ids[i], "stop" if stops and i in stops else None, now)
+            if logprobs is not None:
+                event.logprob = logprobs[i]
+            append(event)
         return events
 
     def _append_token(
         self, q: WorkerQueues, req: Request, token_id: int, reason: str | None, now: float
     ) -> TokenEvent:
+        req.num_pending -= 1
         if token_id >= 0:
             req.output_token_ids.append(token_id)
-        req.num_generated += 1
         if req.first_token_time is None:
             req.first_token_time = now
         req.last_token_time = now
         if reason is None:  # the length limits (inline: this runs once per token)
-            n = req.num_generated
+            n = req.num_generated - req.num_pending
             if req.output_len is not None and n >= req.output_len:
                 reason = "stop"  # simulated EOS at the request's true output length
-            elif n >= req.max_tokens or (self.max_model_len is not None and req.total_len >= self.max_model_len):
+            elif n >= req.max_tokens or (self.max_model_len is not None and req.prompt_len + n >= self.max_model_len):
                 reason = "length"
         if reason:
             self._finish(q, req, reason, now)
-        else:
-            q.groups[req.group].add_decoder(req)
+        elif req.slot < 0 and not req.num_pending:  # evicted while this token was in flight
+            del q.parked[req.request_id]
+            self._requeue(q, req)
         return TokenEvent(req, token_id, reason)
 
     def _finish(self, q: WorkerQueues, req: Request, reason: str, now: float) -> None:
         self._release(q, req)
+        q.parked.pop(req.request_id, None)
+        self._drop_placeholders(req)
         req.state = RequestState.CANCELLED if reason == "cancelled" else RequestState.FINISHED
         req.finish_reason = reason
         req.finish_time = now
         del self.requests[req.request_id]
         if reason != "cancelled":
             self.policy.on_finish(req, now)
+
+    @staticmethod
+    def _drop_placeholders(req: Request) -> None:
+        """Tokens scheduled but never to be committed no longer count as generated."""
+        req.num_generated -= req.num_pending
+        req.num_pending = 0
 
     # -- cancellation and faults -----------------------------------------------------------
     def cancel(self, request_id: str, now: float) -> Request | None:
@@ -289,15 +381,20 @@ class SchedulerCore:
         return req
 
     def reset_worker(self, worker: int, now: float) -> list[Request]:
-        """A model actor died: its KV is gone. Every resident request re-prefills from its
-        prompt plus the tokens it already generated, so streams continue where they were."""
+        """A model actor lost its state (it died, or a step failed): every batch in flight is
+        void. Every resident request re-prefills from its prompt plus the tokens it already
+        generated (placeholders dropped), so streams continue where they were."""
         q = self.workers[worker]
-        q.busy = False
+        q.in_flight = 0
         q.idle_since = now
-        affected = list(q.resident.values())  # admission order: oldest re-prefills first
+        q.epoch += 1
+        affected = list(q.parked.values()) + list(q.resident.values())  # oldest first
         for req in affected:
-            self._evict(q, req)
-        self.num_evictions -= len(affected)  # a crash is not a memory eviction
+            self._release(q, req)
+            self._drop_placeholders(req)
+            self._requeue(q, req)
+        q.parked.clear()
+        q.slots.reset()
         self._last_batch[worker] = set()
         return affected
 
