@@ -30,9 +30,10 @@ from scheduler.errors import DuplicateRequest, QueueFull, RequestTooLong, Schedu
 from scheduler.plan import DiffPlan, NewRequestData, ScheduledBatch, StepResult, int_array
 from scheduler.policies.base import Batch, Policy
 from scheduler.queues import GroupQueues, WorkerQueues
-from scheduler.request import DONE_STATES, Request, RequestState
+from scheduler.request import Request, RequestState
 
 _RUNNING = RequestState.RUNNING
+_FINISHED, _CANCELLED = RequestState.FINISHED, RequestState.CANCELLED  # `is` tests: no enum hashing
 
 
 @dataclass(slots=True)
@@ -71,7 +72,7 @@ class SchedulerCore:
         self.num_guard_fires = 0
         self._admissions = 0
         self._iterations = [0] * len(blocks)
-        self._last_batch: list[set[str]] = [set() for _ in blocks]
+        self._last_batch: list[list[Request]] = [[] for _ in blocks]
 
     # -- submission ------------------------------------------------------------------------
     def check(self, prompt_len: int, max_tokens: int) -> None:
@@ -128,14 +129,19 @@ class SchedulerCore:
             self.num_guard_fires += bool(batch)
         if not batch:
             return None
-        self._mark_paused(worker, {req.request_id for req, _ in batch})
         iteration = self._iterations[worker] + 1
         step = ScheduledBatch(worker, iteration, q.epoch, evicted, self._wire(q, iteration))
         for req, n in batch:
-            self._schedule(q, req, n, now, step)
+            if req.slot >= 0 and req.num_computed_tokens >= req.prefill_target:
+                self._decode(q, req, step)
+            else:
+                self._schedule(q, req, n, now, step)
         if not step.requests:  # every row was a request whose last token is in flight
             self._unwire(q, step.wire)
             return None
+        self._mark_paused(worker, step)
+        if step.wire is not None:
+            step.wire.set_rows([r.slot for r in step.requests], step.num_tokens, step.start_pos)
         self._iterations[worker] = iteration
         q.in_flight += 1
         return step
@@ -207,13 +213,14 @@ class SchedulerCore:
             q.slots.release(req.slot, evicted)
             req.slot = -1
 
-    def _mark_paused(self, worker: int, batch_ids: set[str]) -> None:
-        for rid in self._last_batch[worker] - batch_ids:
-            req = self.requests.get(rid)
-            if req is not None and req.state is RequestState.RUNNING:
+    def _mark_paused(self, worker: int, step: ScheduledBatch) -> None:
+        """Residents of the previous batch left out of this one are paused."""
+        iteration, since = step.iteration, self.workers[worker].idle_since
+        for req in self._last_batch[worker]:
+            if req.planned_iteration != iteration and req.state is _RUNNING:
                 req.state = RequestState.PAUSED
-                req.waiting_since = self.workers[worker].idle_since
-        self._last_batch[worker] = batch_ids
+                req.waiting_since = since
+        self._last_batch[worker] = step.requests
 
     def _wire(self, q: WorkerQueues, iteration: int) -> DiffPlan | None:
         """An empty diff plan carrying the slots freed since the last one."""
@@ -235,6 +242,40 @@ class SchedulerCore:
             q.slots.freed[:0] = wire.freed_slots
             q.slots.evicted[:0] = wire.evicted_slots
 
+    def _decode(self, q: WorkerQueues, req: Request, step: ScheduledBatch) -> None:
+        """One decode row of a resident request: the hot path (most rows of most batches)."""
+        generated = req.num_generated
+        if generated >= req.gen_limit:
+            return  # its last token is in flight: nothing left to schedule
+        rid = req.request_id
+        stages = q.groups[req.group].stages
+        bucket = stages.get(generated)  # leave this stage (GroupQueues.remove_decoder, inline)
+        if bucket is not None and bucket.pop(rid, None) is not None and not bucket:
+            del stages[generated]
+        start = req.num_computed_tokens
+        added = q.pool.reserve(rid, start + 1)
+        req.num_computed_tokens = start + 1
+        req.state = _RUNNING
+        req.planned_iteration = step.iteration
+        generated += 1
+        req.num_generated = generated
+        req.num_pending += 1
+        if generated < req.gen_limit:  # the next stage (GroupQueues.add_decoder, inline)
+            bucket = stages.get(generated)
+            if bucket is None:
+                bucket = stages[generated] = {}
+            bucket[rid] = req
+        step.requests.append(req)  # ScheduledBatch.add_row, inline
+        step.num_tokens.append(1)
+        step.start_pos.append(start)
+        step.is_prefill.append(False)
+        step.sampled.append(req)
+        step.num_new_tokens += 1
+        step.num_attended_kv += start + 1
+        if added and step.wire is not None:
+            step.wire.grow_slots.extend([req.slot] * added)
+            step.wire.grow_blocks.extend(q.pool.block_table(rid)[-added:])
+
     def _schedule(self, q: WorkerQueues, req: Request, n: int, now: float, step: ScheduledBatch) -> None:
         rid = req.request_id
         new = req.slot < 0
@@ -242,36 +283,25 @@ class SchedulerCore:
             self._admit(q, req, now)
         start = req.num_computed_tokens
         target = req.prefill_target
-        group = q.groups[req.group]
-        if start < target:
-            is_prefill = True
-            n = min(n, target - start)
-            sample = start + n >= target
-            if sample:
-                q.prefilling.pop(rid, None)
-            else:
-                q.prefilling[rid] = req
-        else:
-            if self._at_limit(req):
-                return  # its last token is in flight: nothing left to schedule
-            is_prefill, n, sample = False, 1, True
-            group.remove_decoder(req)  # leaves its stage; re-added at the next one below
-            step.num_attended_kv += start + 1
-        end = start + n
-        added = q.pool.reserve(rid, end)
-        req.num_computed_tokens = end
-        req.state = _RUNNING
+        if start >= target:  # not a prefill after all (a resident decoder): the decode path
+            self._decode(q, req, step)
+            return
+        n = min(n, target - start)
+        sample = start + n >= target
         if sample:
+            q.prefilling.pop(rid, None)
+        else:
+            q.prefilling[rid] = req
+        added = q.pool.reserve(rid, start + n)
+        req.num_computed_tokens = start + n
+        req.state = _RUNNING
+        req.planned_iteration = step.iteration
+        if sample:  # the prefill's last chunk samples the first (or next) token
             req.num_generated += 1
             req.num_pending += 1
-            if not self._at_limit(req):
-                group.add_decoder(req)
-            step.sampled.append(req)
-        step.requests.append(req)
-        step.num_tokens.append(n)
-        step.start_pos.append(start)
-        step.is_prefill.append(is_prefill)
-        step.num_new_tokens += n
+            if req.num_generated < req.gen_limit:
+                q.groups[req.group].add_decoder(req)
+        step.add_row(req, n, start, True, sample)
         wire = step.wire
         if wire is None:
             return
@@ -283,9 +313,6 @@ class SchedulerCore:
         elif added:
             wire.grow_slots.extend([slot] * added)
             wire.grow_blocks.extend(q.pool.block_table(rid)[-added:])
-        wire.slots.append(slot)
-        wire.num_tokens.append(n)
-        wire.start_pos.append(start)
 
     def _admit(self, q: WorkerQueues, req: Request, now: float) -> None:
         """A waiting request gets KV (a slot now, blocks as its rows reserve them)."""
@@ -296,14 +323,12 @@ class SchedulerCore:
         self._admissions += 1
         req.admitted_seq = self._admissions
         req.slot = q.slots.take()
+        limit = req.max_tokens if req.output_len is None else min(req.max_tokens, req.output_len)
+        if self.max_model_len is not None:
+            limit = min(limit, self.max_model_len - req.prompt_len)
+        req.gen_limit = limit
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
-
-    def _at_limit(self, req: Request) -> bool:
-        """Has the request (placeholders counted) generated all it may?"""
-        n = req.num_generated
-        return ((req.output_len is not None and n >= req.output_len) or n >= req.max_tokens
-                or (self.max_model_len is not None and req.prompt_len + n >= self.max_model_len))
 
     # -- commit ----------------------------------------------------------------------------
     def commit(self, step: ScheduledBatch, result: StepResult, now: float) -> list[TokenEvent]:
@@ -321,35 +346,39 @@ class SchedulerCore:
         append = events.append
         for i, req in enumerate(step.sampled):
             # Finished (EOS in an earlier batch) or cancelled since: the token is void.
-            if req.state in DONE_STATES:
+            state = req.state
+            if state is _FINISHED or state is _CANCELLED:
                 continue
-            event = self._append_token(q, req, token_ids[i], "stop" if stops and i in stops else None, now)
+            token = token_ids[i]
+            pending = req.num_pending - 1
+            req.num_pending = pending
+            if token >= 0:
+                req.output_token_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.last_token_time = now
+            reason = "stop" if stops and i in stops else None
+            if reason or req.num_generated - pending >= req.gen_limit or req.slot < 0:
+                reason = self._settle(q, req, reason, now)
+            event = TokenEvent(req, token, reason)
             if logprobs is not None:
                 event.logprob = logprobs[i]
             append(event)
         return events
 
-    def _append_token(
-        self, q: WorkerQueues, req: Request, token_id: int, reason: str | None, now: float
-    ) -> TokenEvent:
-        req.num_pending -= 1
-        if token_id >= 0:
-            req.output_token_ids.append(token_id)
-        if req.first_token_time is None:
-            req.first_token_time = now
-        req.last_token_time = now
-        if reason is None:  # the length limits (inline: this runs once per token)
+    def _settle(self, q: WorkerQueues, req: Request, reason: str | None, now: float) -> str | None:
+        """A committed token that ends the request, or the last one an evicted request waited
+        for; returns the finish reason."""
+        if reason is None and req.num_generated - req.num_pending >= req.gen_limit:
+            # A known output length is a simulated EOS; max_tokens or the context: "length".
             n = req.num_generated - req.num_pending
-            if req.output_len is not None and n >= req.output_len:
-                reason = "stop"  # simulated EOS at the request's true output length
-            elif n >= req.max_tokens or (self.max_model_len is not None and req.prompt_len + n >= self.max_model_len):
-                reason = "length"
+            reason = "stop" if req.output_len is not None and n >= req.output_len else "length"
         if reason:
             self._finish(q, req, reason, now)
         elif req.slot < 0 and not req.num_pending:  # evicted while this token was in flight
             del q.parked[req.request_id]
             self._requeue(q, req)
-        return TokenEvent(req, token_id, reason)
+        return reason
 
     def _finish(self, q: WorkerQueues, req: Request, reason: str, now: float) -> None:
         self._release(q, req)
@@ -395,7 +424,7 @@ class SchedulerCore:
             self._requeue(q, req)
         q.parked.clear()
         q.slots.reset()
-        self._last_batch[worker] = set()
+        self._last_batch[worker] = []
         return affected
 
     # -- state for metrics and tests -------------------------------------------------------

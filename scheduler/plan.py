@@ -69,6 +69,9 @@ class DiffPlan:
     def num_rows(self) -> int:
         return len(self.slots)
 
+    def set_rows(self, slots: list[int], num_tokens: list[int], start_pos: list[int]) -> None:
+        self.slots, self.num_tokens, self.start_pos = int_array(slots), int_array(num_tokens), int_array(start_pos)
+
 
 # -- the self-contained form -------------------------------------------------------------------
 @dataclass(slots=True)
@@ -279,6 +282,15 @@ class ScheduledBatch:
 
     def __len__(self) -> int:
         return len(self.requests)
+
+    def add_row(self, req, num_tokens: int, start_pos: int, is_prefill: bool, sample: bool) -> None:
+        self.requests.append(req)
+        self.num_tokens.append(num_tokens)
+        self.start_pos.append(start_pos)
+        self.is_prefill.append(is_prefill)
+        self.num_new_tokens += num_tokens
+        if sample:
+            self.sampled.append(req)
 
     @property
     def num_sampled(self) -> int:

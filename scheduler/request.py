@@ -63,6 +63,8 @@ class Request:
     # placeholders). `num_generated` and the stage already count them; `output_token_ids` not.
     num_pending: int = 0
     slot: int = -1  # the request's row in its model actor's request table while it holds KV
+    gen_limit: int = 0  # tokens it may generate (max_tokens, output_len, context): set on admission
+    planned_iteration: int = -1  # the last iteration of its worker that scheduled it
     num_evictions: int = 0
     group: int = 0  # policy-assigned class (WAIT: the request's type); 0 otherwise
 
