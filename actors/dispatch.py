@@ -61,6 +61,7 @@ class DispatchStats:
 
     def reset(self) -> None:
         self.iterations = 0
+        self.tokens = 0  # sampled tokens (a row voided by a finish in flight counts too)
         self.busy_s = 0.0
         self.first_start: float | None = None
         self.last_end: float | None = None
@@ -74,6 +75,7 @@ class DispatchStats:
             return result.step_time_s
         step = result.finished_at - result.started_at
         self.iterations += 1
+        self.tokens += len(result.token_ids)
         self.busy_s += step
         if self.first_start is None:
             self.first_start = result.started_at
@@ -89,7 +91,7 @@ class DispatchStats:
         wall = (self.last_end - self.first_start) if self.first_start is not None else 0.0
         gaps = list(self.gaps)
         return {
-            "iterations": self.iterations, "busy_s": self.busy_s, "wall_s": wall,
+            "iterations": self.iterations, "tokens": self.tokens, "busy_s": self.busy_s, "wall_s": wall,
             "busy_fraction": self.busy_s / wall if wall > 0 else 0.0,
             "gap_p50_ms": percentile(gaps, 50) * 1e3, "gap_p99_ms": percentile(gaps, 99) * 1e3,
             "gap_max_ms": max(gaps, default=float("nan")) * 1e3,

@@ -20,6 +20,7 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.naming import RAY_NAMESPACE, actor_name
+from actors.pipelined import MAX_CONCURRENCY, pipelined
 from actors.sim_actor import is_sim_model
 
 logger = logging.getLogger("fluidserve.scheduler")
@@ -70,7 +71,7 @@ async def create_model_actors(a: EngineArgs) -> list[Any]:
         from actors.sim_actor import SimModelActor as actor_class
     else:
         from actors.model_actor import ModelActor as actor_class
-    actor_cls = ray.remote(actor_class)
+    actor_cls = ray.remote(pipelined(actor_class))
     strategy = None
     if num_gpus > 0:
         # One bundle per actor, each a whole device; PACK keeps them on as few nodes as fit.
@@ -83,7 +84,7 @@ async def create_model_actors(a: EngineArgs) -> list[Any]:
         await kill_stale(actor_name(i))
         options: dict[str, Any] = {
             "name": actor_name(i), "namespace": RAY_NAMESPACE, "num_cpus": num_cpus, "num_gpus": num_gpus,
-            "max_restarts": -1, "max_task_retries": 0, "max_concurrency": 1,
+            "max_restarts": -1, "max_task_retries": 0, "max_concurrency": MAX_CONCURRENCY,
             # Idle OpenMP threads spin and steal the cores other actors need.
             "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
         }

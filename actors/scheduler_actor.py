@@ -254,6 +254,30 @@ class SchedulerActor:
             **self.core.counts(),
         }
 
+    async def load_test(self, arrivals: list[tuple[float, int, int]]) -> list[tuple]:
+        """A load generator inside this replica, for `bench scale`: each (offset s, prompt
+        tokens, output tokens) goes through `generate` at its time, no Serve call per request or
+        message, so the dispatch path's own ceiling shows. Returns per request (sent, first
+        token, end, tokens) in seconds after the start (None where it failed)."""
+        self._ensure_started()
+        await self._ready.wait()
+        start = time.monotonic()
+
+        async def one(offset: float, prompt_len: int, output_len: int) -> tuple:
+            await asyncio.sleep(max(0.0, start + offset - time.monotonic()))
+            sent, first, tokens = time.monotonic() - start, None, 0
+            body = {"prompt_token_ids": [1000 + (prompt_len + i) % 20000 for i in range(prompt_len)],
+                    "max_tokens": output_len, "ignore_eos": True}
+            async for message in self.generate(body):
+                if message.get("error"):
+                    return sent, None, None, tokens
+                if message.get("token_ids"):
+                    first = first if first is not None else time.monotonic() - start
+                    tokens += len(message["token_ids"])
+            return sent, first, time.monotonic() - start, tokens
+
+        return list(await asyncio.gather(*(one(*a) for a in arrivals)))
+
     async def dispatch_stats(self, reset: bool = False) -> dict:
         """Per model actor: busy fraction, gaps between steps, loop CPU; the replica's CPU time
         and pid (benchmarks read these; `reset` starts a new measurement window)."""

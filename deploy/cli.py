@@ -122,7 +122,8 @@ def cmd_calibrate(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
 
-    modules = {"paper": "bench.paper", "serve": "bench.serve", "live": "bench.live", "engine": "bench.engine"}
+    modules = {"paper": "bench.paper", "serve": "bench.serve", "live": "bench.live", "engine": "bench.engine",
+               "scale": "bench.scale"}
     module = importlib.import_module(modules[args.which])
     return module.main(args.rest) or 0
 
@@ -157,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("bench", help="benchmarks: paper, serve, live, engine")
-    p.add_argument("which", choices=["paper", "serve", "live", "engine"])
+    p = sub.add_parser("bench", help="benchmarks: paper, serve, live, engine, scale")
+    p.add_argument("which", choices=["paper", "serve", "live", "engine", "scale"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
