@@ -31,8 +31,14 @@ class TextStream:
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; returns the newly emittable text."""
+        self.extend(token_ids)
+        return self.emit()
+
+    def extend(self, token_ids: list[int]) -> bool:
+        """Append tokens without emitting (callers feeding one token at a time emit once after
+        the lot); True once a stop string has ended the text."""
         if self.stopped:
-            return ""
+            return True
         self.token_ids.extend(token_ids)
         start = len(self.text)
         self.text += self._decode_new()
@@ -40,6 +46,11 @@ class TextStream:
             cut = self.text.find(s, max(0, start - len(s) + 1))
             if cut != -1:
                 self.text, self.stopped = self.text[:cut], True
+        return self.stopped
+
+    def emit(self) -> str:
+        """The text that can go out now: all of it once stopped, else all but what may be the
+        start of a stop string."""
         return self._emit(final=self.stopped)
 
     def flush(self) -> str:

@@ -49,12 +49,12 @@ class OutputAssembler:
         at the token that completes a stop string."""
         if not self.text.stop:
             return self.text.add(ids), len(ids)
-        parts = []
+        taken = len(ids)
         for n, token_id in enumerate(ids, 1):
-            parts.append(self.text.add([token_id]))
-            if self.text.stopped:
-                return "".join(parts), n
-        return "".join(parts), len(ids)
+            if self.text.extend([token_id]):
+                taken = n
+                break
+        return self.text.emit(), taken
 
     def _tokens(self, msg: dict, n: int) -> list[SampledToken]:
         if not self.logprobs:
