@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.fluid import JobType, quantile_bounds
+from scheduler.fluid import JobType
+from scheduler.segments import quantile_bounds
 
 # Traces shipped in the repo (data/README.md says where each comes from and how it was drawn).
 DATA_DIR = Path(__file__).resolve().parent / "data"
