@@ -30,10 +30,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scheduler import fluid
-from scheduler.cost import CostModel, preset
+from scheduler.cost import preset
 from scheduler.experiment import run_policy
-from scheduler.workload import (Arrival, TraceRow, parse_types, read_trace, synthetic_workload,
-                                trace_workload)
+from scheduler.workload import (
+    Arrival,
+    TraceRow,
+    parse_types,
+    read_trace,
+    synthetic_workload,
+    trace_workload,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1] / "scheduler" / "data"
@@ -268,12 +274,12 @@ SHOWN = ("nested-wait", "nested-wait-paper", "wait", "sarathi", "vllm", "vllm-v1
 def markdown(table: dict, cells_summary: list[dict], meta: dict) -> str:
     chunks = best_chunks(table)
     lines = ["# Policies against the best baselines (simulated, a100-llama2-7b cost model)", "",
-             f"`python -m bench.policies` ({meta['seeds']} seeds, {meta['runs']} runs, "
+             (f"`python -m bench.policies` ({meta['seeds']} seeds, {meta['runs']} runs, "
              f"{meta['wall_s']:.0f} s). Rates are fractions of the tighter fluid limit (load < 1, "
              "M* <= C). Mean latency (s) per policy; **bold** is the lowest; \"sarathi\" is the best "
              "chunk for that workload and C. `mem` marks cells where memory binds (the best "
              "baseline's peak KV >= 90% of C). Ratios are production Nested WAIT over the best "
-             "baseline.", "", "## Verdicts", ""]
+             "baseline."), "", "## Verdicts", ""]
     lines += [f"- {v}" for v in verdicts(cells_summary)]
     for w in WORKLOADS:
         for c in sorted({k[1] for k in table if k[0] == w.name}, reverse=True):

@@ -22,7 +22,6 @@ from scheduler.policies.base import Batch, Policy
 from scheduler.queues import GroupQueues, WorkerQueues
 from scheduler.request import Request, RequestState
 
-
 _NONE: list[int] = []  # shared empty list for unmaterialized chunks (never mutated)
 
 

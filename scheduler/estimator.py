@@ -1,4 +1,4 @@
-"""Online estimates of the arrival rate and the output-length distribution (PAPER.md section 5).
+"""Online estimates of the arrival rate and the output-length distribution (scheduler/SCHEDULING.md §5).
 
 The paper assumes lambda and the length distribution are known; live, the scheduler estimates
 them from arrivals and completions and recomputes thresholds and segments from the estimates.

@@ -1,6 +1,6 @@
-"""The fluid benchmark (PAPER.md section 2) and the thresholds derived from it (sections 3, 4).
+"""The fluid benchmark (scheduler/SCHEDULING.md §2) and the thresholds derived from it (§3, §4).
 
-Two cost models (PAPER.md section 1):
+Two cost models (scheduler/SCHEDULING.md §1):
 - "ours": tau = d0 + d_tok * new_tokens + d_kv * attended_kv. Over its life a type-j request
   costs c_j = d_tok (l_j + o_j) + d_kv o_j (l_j + (o_j + 1)/2) seconds of iteration time.
 - "paper": tau = d0 + d1 * sum(l + s). A type-j request costs d1 * w_j, with
@@ -41,7 +41,7 @@ class JobType:
 
     @property
     def kv_stages(self) -> float:
-        """w_j: KV tokens summed over the request's o_j + 1 stages (PAPER.md section 2)."""
+        """w_j: KV tokens summed over the request's o_j + 1 stages (scheduler/SCHEDULING.md §2)."""
         return (self.output_len + 1) * (self.prompt_len + self.output_len / 2)
 
 
@@ -85,7 +85,7 @@ def _seconds_per_request(prompt_len: float, output_len: float, cost: CostModel, 
 
 
 def solve(types: list[JobType], cost: CostModel, model: str = "ours") -> FluidSolution:
-    """The fluid equilibrium of PAPER.md section 2 for `types` under `cost`."""
+    """The fluid equilibrium of scheduler/SCHEDULING.md §2 for `types` under `cost`."""
     check_model(cost, model)
     if not types:
         raise ValueError("the fluid model needs at least one job type")
@@ -131,7 +131,7 @@ def rate_limits(types: list[JobType], cost: CostModel, model: str = "ours") -> R
     return RateLimits(load=1 / c, memory=capacity / (cost.d0 * w + capacity * c))
 
 
-# --- WAIT (known lengths, PAPER.md section 3) -------------------------------------------------
+# --- WAIT (known lengths, scheduler/SCHEDULING.md §3) -------------------------------------------------
 
 
 def _scale_to_memory(n: list[int], types: list[JobType], capacity: int) -> list[int]:
@@ -148,7 +148,7 @@ def _scale_to_memory(n: list[int], types: list[JobType], capacity: int) -> list[
 
 def wait_thresholds(types: list[JobType], cost: CostModel, slack: float = 0.1,
                     model: str = "ours") -> list[int]:
-    """Integer WAIT thresholds just above n_j* that meet PAPER.md section 3's condition.
+    """Integer WAIT thresholds just above n_j* that meet scheduler/SCHEDULING.md §3's condition.
 
     Condition: a full batch (n_j requests at every stage of every type) takes
     tau(n) = d0 + sum_j n_j c_j <= n_j / lambda_j (for the paper's model, d0 + d1 M^pi), so no

@@ -1,6 +1,6 @@
 """KVForecast: the KV memory resident requests are expected to grow into, from the length law.
 
-The fluid memory M* (docs/scheduling.md) counts, for every request, the KV it holds over its
+The fluid memory M* (scheduler/SCHEDULING.md §2) counts, for every request, the KV it holds over its
 whole remaining life; Nested WAIT's segments do the same per survival band. Admission control
 needs that quantity per request and over time: a request at stage s (tokens generated) with a
 prompt of l tokens holds l + s + k tokens k iterations from now if it is still running then,
@@ -11,7 +11,7 @@ is that of a sum of independent Bernoulli survivors. A request may be admitted w
 
     max_k  E[KV(k)] + z * sd[KV(k)]  <=  C      (k on a grid covering the longest output)
 
-with the candidate counted too. z is the safety margin of PAPER.md section 4's buffer (the
+with the candidate counted too. z is the safety margin of scheduler/SCHEDULING.md §4 buffer (the
 binomial fluctuation of survivors), here as a normal bound rather than a Chernoff one.
 Between two grid offsets the expected KV can grow by at most the expected number of survivors
 per iteration (survival only falls), so each grid value is raised by that growth over the gap

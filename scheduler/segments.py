@@ -1,4 +1,4 @@
-"""Nested WAIT's segments and thresholds (docs/scheduling.md, "Nested WAIT").
+"""Nested WAIT's segments and thresholds (scheduler/SCHEDULING.md §4).
 
 Decoding is cut into segments at output lengths o_1 < ... < o_m; segment k serves the requests
 that survive past o_{k-1}, at rate Lambda_k. Thresholds n_1 > ... > n_m are each segment's entry
@@ -90,7 +90,7 @@ def segments_from_types(output_lens: list[int], rates: list[float]) -> Segments:
 
 
 def segments_from_lengths(lengths: Sequence[int], rate: float, num_segments: int) -> Segments:
-    """Segments at the L quantile bins of an output-length sample (PAPER.md section 4, L ~ 10)."""
+    """Segments at the L quantile bins of an output-length sample (scheduler/SCHEDULING.md §4, L ~ 10)."""
     if not rate > 0:
         raise ValueError(f"rate must be > 0, got {rate}")
     data = sorted(max(1, int(x)) for x in lengths)  # a 0-token answer still had a prefill token
@@ -122,7 +122,7 @@ def _geometric(seg: Segments, n1: float, margin: float = 0.05) -> list[float]:
 
 
 def nested_thresholds_from_budget(seg: Segments, budget: float) -> list[float]:
-    """PAPER.md section 4's practical thresholds: geometric decay with sum_k delta_k n_k = B.
+    """scheduler/SCHEDULING.md §4's practical thresholds: geometric decay with sum_k delta_k n_k = B.
 
     n_1 is floored at 1 (then the sum exceeds a budget too small for one request per stage).
     """
@@ -156,22 +156,25 @@ def _sum_kv(prompt_len: float, first: int, last: int) -> float:
 
 
 def nested_base_memory(seg: Segments, thresholds: Sequence[float], prompt_len: float) -> float:
-    """M^pi = sum_k n_k (l + s_bar_k) delta_k (PAPER.md section 4)."""
+    """M^pi = sum_k n_k (l + s_bar_k) delta_k (scheduler/SCHEDULING.md §4)."""
     return sum(n * (prompt_len + s) * d
                for n, s, d in zip(thresholds, seg.mean_stages, seg.lengths))
 
 
-def _theta(p: float, n_prev: float, n_k: float) -> float:
-    """The positive root of -theta n_k + n_prev ln(1 - p + p e^theta) = 0, by bisection."""
+def _theta(p: float, ratio: float) -> float:
+    """The positive root of -theta n_k + n_(k-1) ln(1 - p + p e^theta) = 0, by bisection.
+
+    Dividing by n_(k-1) shows it depends on the ratio n_k / n_(k-1) alone, so scaling every
+    threshold by one factor leaves it unchanged (and the buffer affine in that factor)."""
 
     def f(theta: float) -> float:
         # ln(1 - p + p e^theta), written to neither overflow nor lose precision near 0.
         log_mgf = (math.log1p(p * math.expm1(theta)) if theta < 30
                    else theta + math.log(p + (1 - p) * math.exp(-theta)))
-        return -theta * n_k + n_prev * log_mgf
+        return -theta * ratio + log_mgf
 
     lo, hi = 0.0, 1.0
-    while f(hi) < 0:  # f < 0 just above 0 (n_k > p n_prev), convex, -> +inf (n_prev > n_k)
+    while f(hi) < 0:  # f < 0 just above 0 (ratio > p), convex, -> +inf (ratio < 1)
         lo, hi = hi, hi * 2
     for _ in range(200):
         mid = (lo + hi) / 2
@@ -188,23 +191,30 @@ def nested_safety_buffer(seg: Segments, thresholds: Sequence[float], prompt_len:
                          horizon_s: float, d0: float, delta: float = 0.05) -> float:
     """KV tokens to keep above M^pi so survivors' binomial swings overflow w.p. <= delta.
 
-    PAPER.md section 4: sum_{k>=2} (l + o_{k-1}) (n_k + ln(m (1 + T/d0) / delta) / theta_k), with
+    scheduler/SCHEDULING.md §4: sum_{k>=2} (l + o_{k-1}) (n_k + ln(m (1 + T/d0) / delta) / theta_k), with
     T/d0 the number of iterations in the horizon. Needs p_k < n_k / n_{k-1} < 1 for every k >= 2.
     """
+    return sum(_buffer_parts(seg, thresholds, prompt_len, horizon_s, d0, delta))
+
+
+def _buffer_parts(seg: Segments, thresholds: Sequence[float], prompt_len: float,
+                  horizon_s: float, d0: float, delta: float) -> tuple[float, float]:
+    """The buffer as (the part linear in the thresholds, the part set by their ratios alone)."""
     if len(thresholds) != len(seg.bounds):
         raise ValueError("need one threshold per segment")
     if horizon_s <= 0 or d0 <= 0 or not 0 < delta < 1:
         raise ValueError("need horizon_s > 0, d0 > 0 and 0 < delta < 1")
     m = len(seg.bounds)
     log_term = math.log(m * (1 + horizon_s / d0) / delta)
-    buffer = 0.0
+    linear = fixed = 0.0
     for k in range(1, m):
         p, n_prev, n_k = seg.survival[k], thresholds[k - 1], thresholds[k]
         if not p * n_prev < n_k < n_prev:
             raise ValueError(f"segment {k + 1}: need p_k < n_k/n_(k-1) < 1, got p_k = {p:.3f}, "
                              f"ratio {n_k / n_prev:.3f}")
-        buffer += (prompt_len + seg.bounds[k - 1]) * (n_k + log_term / _theta(p, n_prev, n_k))
-    return buffer
+        linear += (prompt_len + seg.bounds[k - 1]) * n_k
+        fixed += (prompt_len + seg.bounds[k - 1]) * log_term / _theta(p, n_k / n_prev)
+    return linear, fixed
 
 
 @dataclass(frozen=True)
@@ -236,7 +246,7 @@ def _shape(seg: Segments, costs: list[float]) -> tuple[list[float], float] | Non
 def paper_thresholds(seg: Segments, prompt_len: float, cost: CostModel, slack: float = 0.1,
                      budget: float | None = None, horizon_s: float = DEFAULT_HORIZON_S,
                      delta: float = DEFAULT_DELTA, model: str = "ours") -> NestedThresholds:
-    """PAPER.md section 4's thresholds, conditions (1) and (2) enforced and M^pi + buffer <= C.
+    """scheduler/SCHEDULING.md §4's thresholds, conditions (1) and (2) enforced and M^pi + buffer <= C.
 
     n_1 is (1 + slack) times the smallest n_1 meeting (1) (or, with `budget`, the paper's
     practical setting sum_k delta_k n_k = B, raised to meet (1)), lowered to fit C when needed.
@@ -249,14 +259,21 @@ def paper_thresholds(seg: Segments, prompt_len: float, cost: CostModel, slack: f
     found = _shape(seg, costs)
     shape = found[0] if found else _geometric(seg, 1.0)
 
-    def memory(n1: float) -> tuple[float, float]:
-        if n1 <= 0:
-            return 0.0, 0.0
-        values = [n1 * r for r in shape]
-        base = nested_base_memory(seg, values, prompt_len)
-        return base, nested_safety_buffer(seg, values, prompt_len, horizon_s, cost.d0, delta)
+    # M^pi and the buffer are affine in n_1 for a fixed shape (theta_k depends on the ratios
+    # only): memory(n_1) = n_1 * slope + fixed, so the largest n_1 that fits C is exact.
+    base_1 = nested_base_memory(seg, shape, prompt_len)
+    linear_1, fixed = _buffer_parts(seg, shape, prompt_len, horizon_s, cost.d0, delta)
 
-    n1_max = _largest_fitting(lambda n1: sum(memory(n1)), capacity)
+    no_buffer = fixed >= capacity  # the buffer alone exceeds C: keep within C without it
+
+    def memory(n1: float) -> tuple[float, float]:
+        return n1 * base_1, 0.0 if no_buffer else n1 * linear_1 + fixed
+
+    n1_max = capacity / base_1 if no_buffer else (capacity - fixed) / (base_1 + linear_1)
+    if no_buffer:
+        note = (f"the safety buffer alone ({fixed:,.0f} tokens) exceeds C = {capacity:,}: "
+                "thresholds fill C without it")
+        return _finish(n1_max, shape, memory, False, note)
     if found is None:
         note = (f"no thresholds meet condition (1) at {seg.rates[0]:g} req/s: the load is beyond "
                 "what a full batch can keep up with; using the largest that fit C")
@@ -281,24 +298,6 @@ def _finish(n1: float, shape: list[float], memory, holds: bool, note: str = "") 
         warnings.warn(f"nested thresholds: {note}", FluidWarning, stacklevel=3)
     base, buffer = memory(n1)
     return NestedThresholds([n1 * r for r in shape], base, buffer, holds, note)
-
-
-def _largest_fitting(memory, capacity: float) -> float:
-    """The largest n_1 with memory(n_1) <= capacity (memory grows with n_1), by bisection."""
-    lo, hi = 0.0, 1.0
-    while memory(hi) <= capacity:
-        lo, hi = hi, hi * 2
-        if hi > 1e12:
-            return lo
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if memory(mid) <= capacity:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-9 * hi:
-            break
-    return lo
 
 
 def satisfies_conditions(seg: Segments, thresholds: Sequence[float], prompt_len: float,

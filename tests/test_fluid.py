@@ -1,18 +1,16 @@
-"""The fluid benchmark and thresholds against hand-computed values (PAPER.md sections 2-4)."""
+"""The fluid benchmark and thresholds against hand-computed values (scheduler/SCHEDULING.md §2-4)."""
 from __future__ import annotations
 
 import itertools
 import math
 import warnings
-
-import pytest
-
-from scheduler.cost import CostModel, preset
 from dataclasses import replace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scheduler.cost import CostModel, preset
 from scheduler.fluid import (
     FluidWarning,
     JobType,
@@ -23,7 +21,6 @@ from scheduler.fluid import (
 )
 from scheduler.segments import (
     Segments,
-    nested_base_memory,
     nested_safety_buffer,
     nested_thresholds_from_budget,
     paper_thresholds,
@@ -37,7 +34,7 @@ A100 = preset("a100-llama2-7b")  # d0 = 8 ms, d_tok = 7e-5 s, d_kv = 3e-7 s, C =
 
 
 def hand_ours(l: int, o: int, lam: float, c: CostModel) -> tuple[float, float, float, float]:
-    """PAPER.md section 2, our cost model, written out for one type."""
+    """scheduler/SCHEDULING.md §2, our cost model, written out for one type."""
     load = lam * (c.d_tok * (l + o) + c.d_kv * o * (l + (o + 1) / 2))
     dt = c.d0 / (1 - load)
     n = lam * dt
@@ -295,7 +292,7 @@ def test_theta_solves_its_equation():
     from scheduler.segments import _theta
 
     p, n_prev, n_k = 0.3, 3.0, 1.2
-    theta = _theta(p, n_prev, n_k)
+    theta = _theta(p, n_k / n_prev)
     assert theta > 0
     assert math.exp(-theta * n_k) * (1 - p + p * math.exp(theta)) ** n_prev == pytest.approx(1.0)
 

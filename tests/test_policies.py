@@ -7,11 +7,11 @@ from bisect import bisect_right
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_core import check_all_done, make_core, small_cost, workloads
 
 from scheduler.plan import StepResult, TokenResult
 from scheduler.request import Request
 from scheduler.workload import Arrival
-from test_core import check_all_done, make_core, small_cost, workloads
 
 
 def run_checked(core, arrivals, check) -> list[Request]:

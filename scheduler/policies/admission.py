@@ -1,6 +1,6 @@
 """Production Nested WAIT's admission rule: how many new requests, and whether their KV will fit.
 
-Two fluid-guided limits (docs/scheduling.md, "Production Nested WAIT"), each switchable:
+Two fluid-guided limits (scheduler/SCHEDULING.md §5), each switchable:
 
 - The admission cap: at most n_1 new requests per iteration, n_1 the first segment's threshold
   (the fluid's arrivals per iteration, with slack). A fractional n_1 carries its remainder to
@@ -66,8 +66,8 @@ class ForecastAdmission:
         pool, forecast = self.q.pool, self.forecast
         capacity = pool.capacity_tokens
         if self._worst is None:
-            self._worst = sum(self._worst_case(r) for r in (*self.q.resident.values(), *self.admitted))
-        worst = self._worst + self._worst_case(req)
+            self._worst = self._worst_case(self.q.resident.values()) + self._worst_case(self.admitted)
+        worst = self._worst + self._worst_case((req,))
         if worst <= capacity:
             self._worst = worst
             if self._curves is not None:
@@ -85,7 +85,9 @@ class ForecastAdmission:
     def _add(self, req: Request) -> None:
         self._curves = self._curves + self.forecast.one(req)
 
-    def _worst_case(self, req: Request) -> int:
-        """Block-rounded KV of `req` if it runs to its cap or the longest output seen."""
-        longest = min(req.max_tokens, max(self.forecast.max_len, req.num_generated))
-        return self.q.pool.blocks_for(req.prompt_len + longest) * self.q.pool.block_size
+    def _worst_case(self, requests) -> int:
+        """KV of `requests` if each runs to its max_tokens or the longest output seen, each
+        rounded up to whole blocks (an upper bound: one generator, this runs every plan)."""
+        longest, spare = self.forecast.max_len, self.q.pool.block_size - 1
+        return sum(r.prompt_len + min(r.max_tokens, max(longest, r.num_generated)) + spare
+                   for r in requests)

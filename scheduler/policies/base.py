@@ -79,7 +79,7 @@ class Policy(ABC):
         recomputation loses the least work, as the paper and vLLM do."""
         return q.resident[next(reversed(q.resident))]
 
-    # Hooks for online estimation (PAPER.md section 5); no-ops for policies that need none.
+    # Hooks for online estimation (scheduler/SCHEDULING.md §5); no-ops for policies that need none.
     def on_arrival(self, req: Request, now: float) -> None:
         pass
 

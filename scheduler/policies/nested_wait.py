@@ -1,4 +1,4 @@
-"""Nested WAIT (docs/scheduling.md): segments of output length, thresholds, no length prediction.
+"""Nested WAIT (scheduler/SCHEDULING.md §4-5): segments of output length, thresholds, no length prediction.
 
 Decoding is cut into segments at the output lengths o_1 < ... < o_m; requests classify
 themselves as they decode (those still running at a boundary queue at the next segment's entry).
@@ -33,8 +33,13 @@ from scheduler.fluid import FluidWarning
 from scheduler.forecast import KVForecast
 from scheduler.policies.admission import AdmissionCap, ForecastAdmission
 from scheduler.policies.base import Batch, decode_first
-from scheduler.policies.threshold import (ThresholdPolicy, cap_to_seqs, continue_prefills,
-                                          take_prefills, take_stage)
+from scheduler.policies.threshold import (
+    ThresholdPolicy,
+    cap_to_seqs,
+    continue_prefills,
+    take_prefills,
+    take_stage,
+)
 from scheduler.queues import WorkerQueues
 
 MODES = ("production", "paper")
@@ -161,8 +166,7 @@ class NestedWaitPolicy(ThresholdPolicy):
         last = len(self.bounds) - 1
         for stage, bucket in q.groups[0].stages.items():
             k = bisect_right(self.bounds, stage)
-            if k > last:
-                k = last
+            k = min(k, last)
             if k < active:
                 take_stage(bucket, self.caps[k], batch)
         budget = continue_prefills(q, batch, self.config.max_num_batched_tokens - len(batch))

@@ -2,7 +2,7 @@
 
 Both policies hold work back until enough requests wait to fill a batch (their thresholds).
 That is what makes them throughput-optimal in heavy traffic, and what could stall a request
-forever at low load; the guard (PAPER.md section 5) runs a work-conserving batch once the
+forever at low load; the guard (scheduler/SCHEDULING.md §5) runs a work-conserving batch once the
 server has idled `max_idle_s` with work waiting. In heavy traffic thresholds are met, so the
 guard does not fire.
 
@@ -30,7 +30,7 @@ class FluidSummary:
     stable: bool
     iteration_time_s: float
     per_stage_total: float  # Lambda_1 dT*: requests per stage entering segment 1
-    solution: "fluid.FluidSolution"
+    solution: fluid.FluidSolution
 
 
 class ThresholdPolicy(Policy):
@@ -101,7 +101,7 @@ class ThresholdPolicy(Policy):
             return replace(self.cost, kv_capacity_tokens=self.kv_capacity_tokens)
         return self.cost
 
-    def fluid_solution(self, rate: float) -> "FluidSummary":
+    def fluid_solution(self, rate: float) -> FluidSummary:
         """The fluid equilibrium of the estimated load (exact over the length sample)."""
         types = fluid.types_from_sample(self.lengths.sample(), rate, self.prompt_len())
         solution = fluid.solve(types, self._cost())

@@ -1,4 +1,4 @@
-"""WAIT (PAPER.md section 3): known output lengths, one threshold per request type.
+"""WAIT (scheduler/SCHEDULING.md §3): known output lengths, one threshold per request type.
 
 Type j is eligible when at least n_j type-j requests wait for prefill. An iteration serves every
 eligible type at every stage, at most n_j requests per stage; other types pause; with no type
@@ -12,8 +12,13 @@ from bisect import bisect_left
 
 from scheduler import fluid
 from scheduler.policies.base import Batch
-from scheduler.policies.threshold import (ThresholdPolicy, cap_to_seqs, continue_prefills,
-                                          take_prefills, take_stage)
+from scheduler.policies.threshold import (
+    ThresholdPolicy,
+    cap_to_seqs,
+    continue_prefills,
+    take_prefills,
+    take_stage,
+)
 from scheduler.queues import WorkerQueues
 from scheduler.request import Request
 
