@@ -122,6 +122,13 @@ class ModelActor:
         self.last_step_time_s = time.perf_counter() - start
         return StepResult(plan.worker, plan.iteration, tokens, self.last_step_time_s)
 
+    def logits(self, plan: Plan) -> torch.Tensor:
+        """fp32 logits of the plan's sampled rows, in plan order, without sampling: what
+        `execute` samples from (bench/gpu_check.py compares them with transformers)."""
+        self._validate(plan)
+        batch = build_batch(plan, self.device)
+        return self._forward(batch, self.backend.prepare(batch, self.cache))
+
     def _validate(self, plan: Plan) -> None:
         self.cache.validate(plan)
         c = self.config
