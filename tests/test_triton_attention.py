@@ -111,6 +111,18 @@ def test_half_precision_within_fp16_rounding(segments: int) -> None:
     assert out.dtype == torch.float16 and (out.float().cpu() - ref).abs().max() < 5e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@pytest.mark.parametrize("segments", [1, 8])
+def test_bf16_on_gpu_within_bf16_rounding(segments: int) -> None:
+    args = paged_case(CASES["mixed"], 32, 8, head_dim=128, seed=4)
+    ref = sdpa_reference(*args)
+    q, k_pages, v_pages, *index = [a.cuda() for a in args]
+    out = paged_attention(q.bfloat16(), k_pages.bfloat16(), v_pages.bfloat16(), *index,
+                          scale=128**-0.5, num_segments=segments, tile=16)
+    assert (out.float().cpu() - ref).abs().max() < 3e-2
+
+
 def test_other_block_sizes_and_head_dims() -> None:
     for block_size, head_dim in [(32, 64), (256, 16), (8, 24)]:  # 24: a padded head dim
         args = paged_case([(3, 300), (1, 9), (12, 12)], 4, 2, head_dim, block_size, seed=5)

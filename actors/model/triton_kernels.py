@@ -53,7 +53,7 @@ def _sequence_of_program(cu_q_ptr, pid, num_seqs, Q_PER_PROGRAM: tl.constexpr):
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # a batch of one must not compile its own kernel
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, cu_q_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
