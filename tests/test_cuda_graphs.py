@@ -119,10 +119,10 @@ def test_runner_runs_eagerly_without_graphs(engines: tuple[Engine, Engine]) -> N
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
 def test_graph_replay_equals_eager_on_gpu() -> None:
-    graphed = ModelActor("random:tiny", attention="triton", device="cuda", dtype="float32",
-                         max_num_seqs=8)
-    eager = ModelActor("random:tiny", attention="triton", device="cuda", dtype="float32",
-                       max_num_seqs=8, enforce_eager=True)
+    kw = {"attention": "triton", "device": "cuda", "dtype": "float32", "max_num_seqs": 8,
+          "gpu_memory_utilization": 0.2}
+    graphed = ModelActor("random:tiny", **kw)
+    eager = ModelActor("random:tiny", enforce_eager=True, **kw)
     assert graphed.graphs is not None and eager.graphs is None
     prompt = [chunk("a", list(range(1, 20)), 0, [0, 1]), chunk("b", list(range(5, 9)), 0, [2])]
     decode = [chunk("a", [3], 19, [0, 1]), chunk("b", [4], 4, [2])]
@@ -134,11 +134,11 @@ def test_graph_replay_equals_eager_on_gpu() -> None:
 
 
 def test_actor_on_cpu_sizes_kv_in_tokens_and_never_captures() -> None:
-    actor = ModelActor("random:tiny", kv_cache_tokens=40 * BS, num_threads=1)
+    actor = ModelActor("random:tiny", device="cpu", kv_cache_tokens=40 * BS, num_threads=1)
     assert actor.graphs is None and actor.cache.num_blocks == 40
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ModelActor("random:tiny", kv_cache_tokens=4 * BS, num_threads=1,
+        ModelActor("random:tiny", device="cpu", kv_cache_tokens=4 * BS, num_threads=1,
                    kv_cache_memory_fraction=0.8)
     assert any(issubclass(w.category, DeprecationWarning)
                and "gpu_memory_utilization" in str(w.message) for w in caught)
