@@ -22,8 +22,8 @@ from pathlib import Path
 from scheduler import fluid
 from scheduler.cost import CostModel, preset
 from scheduler.experiment import run_policy
-from scheduler.workload import (DEFAULT_TRACE, Arrival, WorkloadError, job_types, parse_types,
-                                read_trace, shared_trace, synthetic_workload, trace_workload)
+from scheduler.workload import (LMSYS_TRACE, Arrival, job_types, parse_types, read_trace,
+                                synthetic_workload, trace_workload)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COST = preset("a100-llama2-7b")
@@ -71,14 +71,10 @@ _TRACE_ROWS = None
 
 
 def lmsys_arrivals(rate: float, n: int, seed: int = 0) -> list[Arrival]:
-    """The LMSYS trace (../shared/traces, else the shipped 2,000-row sample), Poisson at rate."""
+    """The paper's LMSYS trace (20,000 rows shipped in scheduler/data), Poisson at rate."""
     global _TRACE_ROWS
     if _TRACE_ROWS is None:
-        try:
-            path = shared_trace("lmsys_chat_1m_in200_out500.csv")
-        except WorkloadError:
-            path = DEFAULT_TRACE
-        _TRACE_ROWS = read_trace(path)
+        _TRACE_ROWS = read_trace(LMSYS_TRACE)
     return trace_workload(_TRACE_ROWS, n, seed, rate=rate)
 
 

@@ -11,7 +11,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 
-from scheduler.fluid import Segments, quantile_bounds, segments_from_lengths
+from scheduler.segments import Segments, quantile_bounds, segments_from_lengths
 
 
 class RateEstimator:

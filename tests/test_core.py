@@ -30,7 +30,8 @@ def small_cost(num_blocks: int) -> CostModel:
 
 def make_core(policy_name: str, arrivals: list[Arrival], num_blocks: int, **params) -> SchedulerCore:
     cost = small_cost(num_blocks)
-    config = PolicyConfig(max_num_seqs=params.pop("max_num_seqs", 256))
+    config = PolicyConfig(max_num_seqs=params.pop("max_num_seqs", 256),
+                          max_num_batched_tokens=params.pop("max_num_batched_tokens", 2048))
     policy = make_policy(policy_name, config, cost=cost, hint=workload_hint(arrivals), **params)
     return SchedulerCore(policy, num_blocks=num_blocks, block_size=BLOCK)
 

@@ -1,6 +1,6 @@
 """The Helm chart in helm/fluidserve, rendered and linted by the real Helm engine (helm-python-sdk).
 
-Each rendered RayService is checked against KubeRay's CRD schema (../shared/k8s) and its
+Each rendered RayService is checked against KubeRay's CRD schema (tests/data, KubeRay 1.7) and its
 serveConfigV2 against Ray Serve's own ServeDeploySchema.
 """
 
@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).parents[1]
-SHARED = REPO.parent / "shared"
 CHART = REPO / "helm" / "fluidserve"
-CRD_FILE = SHARED / "k8s" / "ray.io_rayservices.yaml"
+# The RayService v1 openAPIV3Schema of KubeRay 1.7 (the file says where it comes from).
+CRD_SCHEMA = REPO / "tests" / "data" / "kuberay-1.7_rayservice_v1_openapi.yaml"
 VALUES_FILES = sorted(CHART.glob("values-*.yaml"))
 CASES = ["default"] + [p.name for p in VALUES_FILES]
 
@@ -116,14 +116,8 @@ def closed(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def crd_validator() -> jsonschema.Draft7Validator:
-    if not CRD_FILE.is_file():
-        pytest.fail(
-            f"RayService CRD not found at {CRD_FILE}: the shared/ directory must sit beside the "
-            "repository (CI clones it there)."
-        )
-    crd = yaml.safe_load(CRD_FILE.read_text())
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return jsonschema.Draft7Validator(closed(v1["schema"]["openAPIV3Schema"]))
+    schema = yaml.safe_load(CRD_SCHEMA.read_text())
+    return jsonschema.Draft7Validator(closed(schema))
 
 
 @pytest.mark.parametrize("case", CASES)
