@@ -49,8 +49,10 @@ class EngineArgs:
     policy_args: dict = field(default_factory=dict)
     num_model_actors: int = 1
     model_actor_resources: dict = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
-    kv_cache_tokens: int = 16384
-    kv_cache_memory_fraction: float = 0.9
+    kv_cache_tokens: int = 16384  # CPU model actors: the KV cache in tokens
+    gpu_memory_utilization: float = 0.9  # GPU model actors: vLLM's fraction of total memory
+    kv_cache_memory_fraction: float | None = None  # deprecated name of gpu_memory_utilization
+    enforce_eager: bool = False  # no CUDA graphs (vLLM's flag)
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
@@ -133,8 +135,11 @@ class SchedulerActor:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(strategy, i)
             workers.append(actor_cls.options(**options).remote(
                 model=a.model, worker_id=i, kv_cache_tokens=a.kv_cache_tokens,
+                gpu_memory_utilization=a.gpu_memory_utilization,
                 kv_cache_memory_fraction=a.kv_cache_memory_fraction, block_size=a.block_size,
                 dtype=a.dtype, attention=a.attention, num_threads=threads,
+                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                enforce_eager=a.enforce_eager,
             ))
         return workers
 
