@@ -13,9 +13,9 @@ is that of a sum of independent Bernoulli survivors. A request may be admitted w
 
 with the candidate counted too. z is the safety margin of scheduler/SCHEDULING.md §4 buffer (the
 binomial fluctuation of survivors), here as a normal bound rather than a Chernoff one.
-Between two grid offsets the expected KV can grow by at most the expected number of survivors
-per iteration (survival only falls), so each grid value is raised by that growth over the gap
-to the next offset: the peak is bounded, never sampled. KV is counted in whole blocks, as the
+Between two grid offsets a survivor's block-rounded KV grows by at most the whole blocks the
+iterations strictly between them can fill, and survival only falls, so each grid value is
+raised by that growth times the expected survivors: the peak is bounded, never sampled. KV is counted in whole blocks, as the
 pool allocates it. Everything is vectorised with numpy: one forecast costs tens of
 microseconds for a few hundred residents.
 """
@@ -44,7 +44,9 @@ class KVForecast:
         # survival[x] = P(o > x); survival[max_len + 1] = 0 closes the table.
         self.survival = 1.0 - np.searchsorted(data, xs, side="right") / data.size
         self.grid = _grid(self.max_len)
-        self.gaps = np.append(np.diff(self.grid), 0)  # iterations to the next grid offset
+        # KV a survivor may add at the offsets strictly between a grid point and the next one.
+        between = np.append(np.diff(self.grid), 1) - 1
+        self.growth = -(-between // block_size) * block_size
         self.block_size = block_size
         self.z = z
 
@@ -80,7 +82,6 @@ class KVForecast:
 
     def peak(self, curves: np.ndarray) -> float:
         """The largest KV the forecast expects, z standard deviations up (bounded between grid
-        offsets by the survivors' growth, a block each per block_size iterations at most)."""
+        offsets by the survivors' growth)."""
         mean, var, alive = curves
-        growth = alive * self.gaps
-        return float((mean + growth + self.z * np.sqrt(var)).max())
+        return float((mean + alive * self.growth + self.z * np.sqrt(var)).max())

@@ -2,20 +2,17 @@
 
 Two fluid-guided limits (scheduler/SCHEDULING.md §5), each switchable:
 
-- The admission cap: at most n_1 new requests per iteration, n_1 the first segment's threshold
-  (the fluid's arrivals per iteration, with slack). A fractional n_1 carries its remainder to
-  the next iteration, so over time exactly n_1 per iteration are allowed. Below the low-load
-  bypass no cap applies.
+- The admission cap (optional): at most ceil(n_1) new requests per iteration, n_1 the fluid's
+  arrivals per iteration with slack (the paper's first-segment threshold as a rate). Below the
+  low-load bypass no cap applies.
 - The KV forecast: a request is admitted only if the KV the residents and it are expected to
-  grow into stays within the cache (scheduler/forecast.py). When even the worst case fits (every
-  resident running to the longest output seen), the forecast is skipped: that is the common,
-  memory-rich case, and it costs one sum.
+  grow into stays within the cache (scheduler/forecast.py). With the low-load bypass, when even
+  the worst case fits (every resident running to its max_tokens or the longest output seen) the
+  forecast is skipped: that is the common, memory-rich case, and it costs one sum.
 
 Both sit on top of the blocks free now (the chunk scheduled now must fit, as in vLLM v1).
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -24,25 +21,12 @@ from scheduler.queues import WorkerQueues
 from scheduler.request import Request
 
 
-class AdmissionCap:
-    """n_1 admissions per iteration on average; the fraction carries over."""
-
-    def __init__(self) -> None:
-        self._carry = 0.0
-
-    def allowance(self, n1: float) -> int:
-        """Admissions allowed this iteration (call once per planned iteration)."""
-        total = self._carry + n1
-        allowed = math.floor(total)
-        self._carry = total - allowed
-        return allowed
-
-
 class ForecastAdmission:
     """The admission predicate of one iteration (see `decode_first`)."""
 
-    def __init__(self, q: WorkerQueues, forecast: KVForecast | None, limit: int | None) -> None:
-        self.q, self.forecast, self.limit = q, forecast, limit
+    def __init__(self, q: WorkerQueues, forecast: KVForecast | None, limit: int | None,
+                 bypass: bool = True) -> None:
+        self.q, self.forecast, self.limit, self.bypass = q, forecast, limit, bypass
         self.free = q.pool.num_free_blocks
         self.admitted: list[Request] = []
         self._worst: int | None = None  # the residents' worst case, in tokens
@@ -68,7 +52,7 @@ class ForecastAdmission:
         if self._worst is None:
             self._worst = self._worst_case(self.q.resident.values()) + self._worst_case(self.admitted)
         worst = self._worst + self._worst_case((req,))
-        if worst <= capacity:
+        if self.bypass and worst <= capacity:
             self._worst = worst
             if self._curves is not None:
                 self._add(req)

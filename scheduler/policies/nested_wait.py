@@ -13,11 +13,12 @@ Two modes (`policy_args: {"mode": ...}`):
   with a FluidWarning. A fractional threshold is compared as a real number (0.4 opens with one
   request waiting, never with none) and caps a stage at ceil(n_k) requests.
 - `production` (the default): every resident decodes each iteration (pausing a resident holds
-  its KV without progress), and the fluid model decides admission instead: at most n_1 new
-  requests per iteration while the estimated load is above `bypass_below_load`, and only while
-  the KV the residents are expected to grow into fits the cache (scheduler/forecast.py). Each
-  rule is switchable (`admission_cap`, `kv_admission`, `bypass_below_load: 0`), and `describe()`
-  lists the ones on.
+  its KV without progress) within the token budget, and the fluid model decides admission
+  instead: a request is admitted only while the KV the residents and it are expected to grow
+  into fits the cache (`kv_admission`, scheduler/forecast.py, skipped while even the worst case
+  fits: `low_load_bypass`). Optional: at most n_1 new requests per iteration (`admission_cap`,
+  lifted below the estimated load `bypass_below_load`); pause rather than evict on overflow
+  (`eviction: pause`). scheduler/SCHEDULING.md §5 says why; `describe()` lists the rules on.
 
 Stages here count generated tokens: the prefill produces token 1, and a request in segment k
 (k >= 2) has generated o_{k-1} .. o_k - 1 tokens; its entry queue is stage o_{k-1}.
@@ -31,7 +32,7 @@ from bisect import bisect_right
 from scheduler import segments
 from scheduler.fluid import FluidWarning
 from scheduler.forecast import KVForecast
-from scheduler.policies.admission import AdmissionCap, ForecastAdmission
+from scheduler.policies.admission import ForecastAdmission
 from scheduler.policies.base import Batch, decode_first
 from scheduler.policies.threshold import (
     ThresholdPolicy,
@@ -50,9 +51,10 @@ class NestedWaitPolicy(ThresholdPolicy):
 
     def __init__(self, *args, mode: str = "production", num_segments: int = 10,
                  bounds: list[int] | None = None, kv_admission: bool = True,
-                 admission_cap: bool = True, bypass_below_load: float = 0.5, z: float = 2.0,
+                 low_load_bypass: bool = True, admission_cap: bool = False,
+                 bypass_below_load: float = 0.5, z: float = 2.0,
                  horizon_s: float = segments.DEFAULT_HORIZON_S,
-                 delta: float = segments.DEFAULT_DELTA, cap_rounding: str = "carry",
+                 delta: float = segments.DEFAULT_DELTA,
                  eviction: str = "lifo", **kw) -> None:
         super().__init__(*args, **kw)
         if mode not in MODES:
@@ -64,6 +66,10 @@ class NestedWaitPolicy(ThresholdPolicy):
         self.num_segments = num_segments
         self.fixed_bounds = sorted(set(bounds)) if bounds else None
         self.kv_admission, self.admission_cap = kv_admission, admission_cap
+        self.low_load_bypass = low_load_bypass
+        if eviction not in ("lifo", "pause"):
+            raise ValueError(f"unknown eviction rule {eviction!r}; choose lifo or pause")
+        self.eviction = eviction
         self.bypass_below_load, self.z = bypass_below_load, z
         self.horizon_s, self.delta = horizon_s, delta
         self.bounds: list[int] = self.fixed_bounds or [1]
@@ -71,9 +77,7 @@ class NestedWaitPolicy(ThresholdPolicy):
         self.conditions_hold: bool | None = None
         self.forecast: KVForecast | None = None
         self.admissions_per_iteration: float | None = None
-        self.cap_rounding = cap_rounding
         self.pause_on_overflow = eviction == "pause"
-        self._cap = AdmissionCap()
         self._work_conserving(len(self.bounds))
 
     @property
@@ -130,11 +134,12 @@ class NestedWaitPolicy(ThresholdPolicy):
             return self._select_paper(q)
         limit = None
         n1 = self.admissions_per_iteration
-        if self.admission_cap and n1 and self.load >= self.bypass_below_load:
-            limit = math.ceil(n1) if self.cap_rounding == "ceil" else self._cap.allowance(n1)
+        bypassed = self.low_load_bypass and self.load < self.bypass_below_load
+        if self.admission_cap and n1 and not bypassed:
+            limit = math.ceil(n1)  # whole requests, as the paper caps a stage at ceil(n_k)
         forecast = self.forecast if self.kv_admission else None
         return decode_first(q, self.config, self.config.max_num_batched_tokens,
-                            ForecastAdmission(q, forecast, limit))
+                            ForecastAdmission(q, forecast, limit, self.low_load_bypass))
 
     def entry_counts(self, q: WorkerQueues) -> list[int]:
         """Requests waiting at each segment's entry (segment 1: those awaiting prefill)."""
@@ -179,11 +184,14 @@ class NestedWaitPolicy(ThresholdPolicy):
                "conditions_hold": self.conditions_hold,
                "max_num_batched_tokens": self.config.max_num_batched_tokens}
         if self.mode == "production":
-            rules = ["decode every resident"]
-            if self.admission_cap:
-                rules.append("admit at most n_1 per iteration"
-                             + (f" above load {self.bypass_below_load}" if self.bypass_below_load else ""))
+            rules = ["every resident decodes each iteration", "chunked prefill within the token budget"]
             if self.kv_admission:
                 rules.append(f"KV forecast admission (z = {self.z})")
+            if self.low_load_bypass:
+                rules.append("low-load bypass")
+            if self.admission_cap:
+                rules.append("at most n_1 admissions per iteration"
+                             + (f" above load {self.bypass_below_load}" if self.low_load_bypass else ""))
+            rules.append(f"{self.eviction} on overflow")
             out["deviations"] = rules
         return out
