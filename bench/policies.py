@@ -2,6 +2,7 @@
 
     python -m bench.policies [--quick] [--seeds 3] [--jobs 1] [--kv-capacity 137000,30000]
                              [--workloads p512d200,lmsys] [--out bench/results] [--json]
+    python -m bench.policies --ablation     # production Nested WAIT with each rule changed
     (also: fluidserve bench policies ...)
 
 For each workload and KV capacity C, the arrival rate is set to 0.5, 0.8, 0.9 and 0.95 of the
@@ -14,7 +15,8 @@ the lowest mean latency among Sarathi-best, vLLM and vLLM-v1. Memory binds in a 
 best baseline's peak KV reaches 90% of C.
 
 Writes policies.json (every run and the per-cell summary), policies.md (tables and the targets'
-verdicts) and one PNG per workload to --out.
+verdicts) and one PNG per workload to --out. `--ablation` instead runs production Nested WAIT
+with one rule changed at a time (ablation.json, ablation.md): what each rule is worth.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ METRICS = ("latency_mean_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "tt
            "tpot_p50_s", "tpot_p99_s", "throughput_tok_s", "fluid_throughput_tok_s", "evictions",
            "goodput_rps", "goodput_chat_rps", "peak_kv_tokens", "mean_kv_tokens", "sim_wall_s")
 # Decode steps simulated per run, roughly: request counts follow so every workload costs alike.
-WORK_PER_RUN = 240_000
+WORK_PER_RUN = 200_000
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,22 @@ def policies(w: Workload) -> list[tuple[str, str, dict]]:
 
 
 BASELINES = ("sarathi", "vllm", "vllm-v1")  # "sarathi" stands for its best chunk
+
+# Production Nested WAIT with one rule changed (scheduler/SCHEDULING.md §5).
+ABLATIONS: dict[str, dict] = {
+    "production": {},
+    "no KV forecast": {"kv_admission": False},
+    "no low-load bypass": {"low_load_bypass": False},
+    "admission cap n_1": {"admission_cap": True},
+    "pause on overflow": {"eviction": "pause"},
+    "z = 0.5": {"z": 0.5},
+    "z = 3": {"z": 3.0},
+    "token budget 8192": {"max_num_batched_tokens": 8192},
+}
+
+
+def ablation_policies(w: Workload) -> list[tuple[str, str, dict]]:
+    return [(label, "nested-wait", args) for label, args in ABLATIONS.items()]
 
 
 # --- workloads ------------------------------------------------------------------------------
@@ -149,7 +167,7 @@ class Run:
     n: int
 
 
-def plan_runs(workloads, capacities, loads, seeds, quick) -> list[Run]:
+def plan_runs(workloads, capacities, loads, seeds, quick, variants=policies) -> list[Run]:
     runs = []
     for w in workloads:
         n = num_requests(w, quick)
@@ -157,7 +175,7 @@ def plan_runs(workloads, capacities, loads, seeds, quick) -> list[Run]:
             limit = fluid.rate_limits(mix(w), replace(preset("a100-llama2-7b"), kv_capacity_tokens=c))
             for load in loads:
                 for seed in range(seeds):
-                    for label, name, args in policies(w):
+                    for label, name, args in variants(w):
                         runs.append(Run(w.name, c, load, load * limit.tighter, seed, label, name,
                                         tuple(sorted(args.items())), n))
     return runs
@@ -339,6 +357,27 @@ def plot(table: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def ablation_markdown(table: dict, meta: dict) -> str:
+    """Each variant's mean latency, p99 TTFT and evictions relative to production."""
+    labels = list(ABLATIONS)
+    lines = ["# Production Nested WAIT, one rule changed at a time (simulated)", "",
+             f"`python -m bench.policies --ablation` ({meta['seeds']} seeds, {meta['runs']} runs, "
+             f"{meta['wall_s']:.0f} s). Per cell: mean latency / p99 TTFT as a ratio to production "
+             "(below 1: the variant is better), evictions per run, simulator seconds per run.", "",
+             "| workload | C | load | " + " | ".join(labels) + " |", "|---" * (len(labels) + 3) + "|"]
+    for (w, c, load), by in sorted(table.items()):
+        base = by["production"]
+        cells_ = [f"{base['latency_mean_s']:.2f} s / {base['ttft_p99_s']:.2f} s, "
+                  f"{base['evictions']:.0f} ev, {base['sim_wall_s']:.1f} s"]
+        for label in labels[1:]:
+            x = by[label]
+            cells_.append(f"x{x['latency_mean_s'] / base['latency_mean_s']:.2f} / "
+                          f"x{x['ttft_p99_s'] / max(base['ttft_p99_s'], 1e-9):.2f}, "
+                          f"{x['evictions']:.0f} ev, {x['sim_wall_s']:.1f} s")
+        lines.append(f"| {w} | {c:,} | {load} | " + " | ".join(cells_) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fluidserve bench policies", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a quarter of the requests per run")
@@ -350,19 +389,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loads", default=",".join(map(str, LOADS)))
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
+    ap.add_argument("--ablation", action="store_true",
+                    help="production Nested WAIT with one rule changed at a time")
     args = ap.parse_args(argv)
     workloads = [w for w in WORKLOADS if not args.workloads or w.name in args.workloads.split(",")]
     capacities = [int(c) for c in args.kv_capacity.split(",")]
     loads = [float(x) for x in args.loads.split(",")]
-    runs = plan_runs(workloads, capacities, loads, args.seeds, args.quick)
+    variants = ablation_policies if args.ablation else policies
+    runs = plan_runs(workloads, capacities, loads, args.seeds, args.quick, variants)
     t0 = time.perf_counter()
     rows = run_all(runs, args.jobs, progress=True)
     wall = time.perf_counter() - t0
-    table = cells(rows)
-    result = summary(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"seeds": args.seeds, "runs": len(rows), "wall_s": wall, "jobs": args.jobs}
+    meta = {"seeds": args.seeds, "runs": len(rows), "wall_s": wall, "jobs": args.jobs,
+            "cpu_s": sum(r["sim_wall_s"] for r in rows)}
+    if args.ablation:
+        (out / "ablation.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
+        (out / "ablation.md").write_text(ablation_markdown(cells(rows), meta))
+        print(f"{len(rows)} runs in {wall:.0f} s; ablation.md written")
+        return 0
+    table = cells(rows)
+    result = summary(table)
     (out / "policies.json").write_text(json.dumps({"meta": meta, "runs": rows, "cells": result},
                                                   indent=1) + "\n")
     (out / "policies.md").write_text(markdown(table, result, meta))

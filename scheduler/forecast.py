@@ -35,7 +35,7 @@ def _grid(max_len: int, points: int = 32) -> np.ndarray:
 
 
 class KVForecast:
-    def __init__(self, lengths: Sequence[int], block_size: int = 16, z: float = 2.0) -> None:
+    def __init__(self, lengths: Sequence[int], block_size: int = 16, z: float = 1.5) -> None:
         data = np.sort(np.maximum(1, np.asarray(lengths, dtype=np.int64)))
         if data.size == 0:
             raise ValueError("a forecast needs at least one observed output length")

@@ -52,7 +52,7 @@ class NestedWaitPolicy(ThresholdPolicy):
     def __init__(self, *args, mode: str = "production", num_segments: int = 10,
                  bounds: list[int] | None = None, kv_admission: bool = True,
                  low_load_bypass: bool = True, admission_cap: bool = False,
-                 bypass_below_load: float = 0.5, z: float = 2.0,
+                 bypass_below_load: float = 0.5, z: float = 1.5,
                  horizon_s: float = segments.DEFAULT_HORIZON_S,
                  delta: float = segments.DEFAULT_DELTA,
                  eviction: str = "lifo", **kw) -> None:
