@@ -306,7 +306,7 @@ def markdown(table: dict, cells_summary: list[dict], meta: dict) -> str:
                 continue
             shown = [p for p in SHOWN if p in table[keys[0]] or p == "sarathi"]
             lines += ["", f"## {w.title}, C = {c:,} (Sarathi chunk {chunks[(w.name, c)].split('-')[1]})",
-                      "", f"![{w.name}]({w.name}.png)", "",
+                      "", f"![{w.name}](policies_{w.name}.png)", "",
                       "| load | rate | " + " | ".join(shown) + " | latency | p99 TTFT | thr. | goodput | mem |",
                       "|---" * (len(shown) + 7) + "|"]
             for k in keys:
@@ -361,14 +361,14 @@ def ablation_markdown(table: dict, meta: dict) -> str:
     """Each variant's mean latency, p99 TTFT and evictions relative to production."""
     labels = list(ABLATIONS)
     lines = ["# Production Nested WAIT, one rule changed at a time (simulated)", "",
-             f"`python -m bench.policies --ablation` ({meta['seeds']} seeds, {meta['runs']} runs, "
+             (f"`python -m bench.policies --ablation` ({meta['seeds']} seeds, {meta['runs']} runs, "
              f"{meta['wall_s']:.0f} s). Per cell: mean latency / p99 TTFT as a ratio to production "
-             "(below 1: the variant is better), evictions per run, simulator seconds per run.", "",
+             "(below 1: the variant is better), evictions per run, simulator seconds per run."), "",
              "| workload | C | load | " + " | ".join(labels) + " |", "|---" * (len(labels) + 3) + "|"]
     for (w, c, load), by in sorted(table.items()):
         base = by["production"]
-        cells_ = [f"{base['latency_mean_s']:.2f} s / {base['ttft_p99_s']:.2f} s, "
-                  f"{base['evictions']:.0f} ev, {base['sim_wall_s']:.1f} s"]
+        cells_ = [(f"{base['latency_mean_s']:.2f} s / {base['ttft_p99_s']:.2f} s, "
+                  f"{base['evictions']:.0f} ev, {base['sim_wall_s']:.1f} s")]
         for label in labels[1:]:
             x = by[label]
             cells_.append(f"x{x['latency_mean_s'] / base['latency_mean_s']:.2f} / "

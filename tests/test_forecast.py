@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.forecast import KVForecast
+from scheduler.forecast import KVForecast, as_arrays
 from scheduler.request import Request
 
 BLOCK = 16
@@ -31,13 +31,16 @@ def test_one_known_length_gives_the_exact_kv_at_every_offset(prompts, output, da
     stages = [data.draw(st.integers(0, output - 1)) for _ in prompts]
     reqs = [resident(p, s) for p, s in zip(prompts, stages)]
     forecast = KVForecast([output] * 50, BLOCK)
-    mean, var, alive = forecast.residents(reqs)
+    curves = forecast.residents(reqs)
+    mean, var, _ = curves
     for gi, k in enumerate(forecast.grid):
         assert mean[gi] == pytest.approx(true_kv(reqs, output, int(k)))
         assert var[gi] == pytest.approx(0.0, abs=1e-6)
-    # The peak bounds the true KV at every offset, not only on the grid.
+    # The check is exact at every offset, not only on the grid: it fits C iff the true peak does.
     worst = max(true_kv(reqs, output, k) for k in range(output + 1))
-    assert forecast.peak(np.stack([mean, var, alive])) >= worst
+    arrays = as_arrays(reqs)
+    assert forecast.fits(arrays, curves, worst)
+    assert not forecast.fits(arrays, curves, worst - 1)
 
 
 def test_mean_and_variance_follow_the_survival_law():

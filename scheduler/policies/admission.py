@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scheduler.forecast import KVForecast
+from scheduler.forecast import KVForecast, as_arrays
 from scheduler.queues import WorkerQueues
 from scheduler.request import Request
 
@@ -31,6 +31,7 @@ class ForecastAdmission:
         self.admitted: list[Request] = []
         self._worst: int | None = None  # the residents' worst case, in tokens
         self._curves: np.ndarray | None = None  # the forecast of residents and admitted
+        self._arrays: tuple[np.ndarray, ...] | None = None  # their (prompt, stage, cap)
 
     def __call__(self, req: Request, tokens: int) -> bool:
         blocks = self.q.pool.blocks_for(tokens)
@@ -58,16 +59,19 @@ class ForecastAdmission:
                 self._add(req)
             return True
         if self._curves is None:
-            self._curves = forecast.residents([*self.q.resident.values(), *self.admitted])
-        curves = self._curves + forecast.one(req)
-        if forecast.peak(curves) > capacity:
+            self._arrays = as_arrays([*self.q.resident.values(), *self.admitted])
+            self._curves = forecast.curves(*self._arrays)
+        arrays = tuple(np.append(a, b) for a, b in zip(self._arrays, as_arrays((req,))))
+        curves = self._curves + forecast.curves(*as_arrays((req,)))
+        if not forecast.fits(arrays, curves, capacity):
             return False
-        self._curves = curves
-        self._worst = worst
+        self._arrays, self._curves, self._worst = arrays, curves, worst
         return True
 
     def _add(self, req: Request) -> None:
-        self._curves = self._curves + self.forecast.one(req)
+        one = as_arrays((req,))
+        self._arrays = tuple(np.append(a, b) for a, b in zip(self._arrays, one))
+        self._curves = self._curves + self.forecast.curves(*one)
 
     def _worst_case(self, requests) -> int:
         """KV of `requests` if each runs to its max_tokens or the longest output seen, each
