@@ -7,53 +7,104 @@ with `ray.remote(num_gpus=..., num_cpus=...)` and names it `actor_name(i)` in na
 against that state, runs one forward pass, samples, and reports the tokens as compact arrays
 with the time the step took. A self-contained `Plan` (tests, benchmarks, calibration, replay)
 runs statelessly.
+
+On a GPU, construction follows vLLM: load the weights, run one worst-case step
+(`max_num_batched_tokens` over `max_num_seqs` sequences) to measure the peak memory, give the
+KV cache what `gpu_memory_utilization` of the device's total memory leaves, then capture CUDA
+graphs of decode steps (not with `enforce_eager`, and only with the `triton` attention backend).
+Importing this module needs no Ray (the GPU check runs the engine without it).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
 from actors.model.attention import make_backend
-from actors.model.batch import HostStaging, build_batch, rows_from_plan
+from actors.model.batch import HostStaging, StepBatch, build_batch, rows_from_plan
+from actors.model.cuda_graphs import DecodeGraphRunner
 from actors.model.llama import LlamaModel
-from actors.model.loader import load_model
+from actors.model.loader import load_model, resolve_device
+from actors.model.profiling import peak_step_plan, run_peak_step
 from actors.model.sampler import Sampler, SampleRow
 from actors.naming import RAY_NAMESPACE, actor_name
 from actors.request_state import RequestStates
 from kv.cache import KVCache, KVShape, PlanError
+from kv.memory import MemorySnapshot
 from scheduler.plan import DiffPlan, Plan, StepResult, int_array
 
 __all__ = ["RAY_NAMESPACE", "ModelActor", "actor_name", "step_result"]
+MAX_GRAPH_BATCH = 512  # vLLM's default largest CUDA-graph batch
+log = logging.getLogger(__name__)
+
+
+def _utilization(gpu_memory_utilization: float, kv_cache_memory_fraction: float | None) -> float:
+    """`kv_cache_memory_fraction` is the deprecated name (it meant a fraction of the memory
+    free after loading); it now sets `gpu_memory_utilization`, vLLM's fraction of the total."""
+    if kv_cache_memory_fraction is None:
+        return gpu_memory_utilization
+    message = ("kv_cache_memory_fraction is deprecated: use gpu_memory_utilization (the fraction "
+               "of the GPU's total memory this model actor may use, as in vLLM); "
+               f"taking {kv_cache_memory_fraction} as gpu_memory_utilization")
+    warnings.warn(message, DeprecationWarning, stacklevel=3)
+    log.warning(message)
+    return kv_cache_memory_fraction
 
 
 class ModelActor:
     def __init__(self, model: str = "default", worker_id: int = 0, kv_cache_tokens: int = 16384,
-                 kv_cache_memory_fraction: float = 0.9, block_size: int = 16,
+                 gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  device: str = "auto", dtype: str = "auto", attention: str = "auto",
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 4096, enforce_eager: bool = False,
+                 kv_cache_memory_fraction: float | None = None) -> None:
         if num_threads is None:  # in-process default: every core this process may use
             num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
                 else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, num_threads))
+        gpu_memory_utilization = _utilization(gpu_memory_utilization, kv_cache_memory_fraction)
         self.model_name, self.worker_id = model, worker_id
-        loaded, self.tokenizer = load_model(model, device, dtype)
+        dev = resolve_device(device)
+        before = MemorySnapshot.take(dev) if dev.type == "cuda" else None  # before the weights
+        loaded, self.tokenizer = load_model(model, dev, dtype)
         self.config = loaded.config
         self.device = loaded.device
         self.model = LlamaModel(loaded)
+        self.backend = make_backend(attention, self.device, block_size, loaded.dtype)
         c = self.config
         shape = KVShape(c.num_layers, c.num_kv_heads, c.head_dim)
-        self.cache = KVCache.from_budget(shape, block_size, self.device, loaded.dtype,
-                                         kv_cache_tokens, kv_cache_memory_fraction)
-        self.backend = make_backend(attention, self.device, block_size)
+        peak_plan = peak_step_plan(max_num_batched_tokens, max_num_seqs, block_size,
+                                   c.max_model_len)
+        self.cache = KVCache.from_budget(
+            shape, block_size, self.device, loaded.dtype, kv_cache_tokens, gpu_memory_utilization,
+            before, lambda: run_peak_step(self.model, self.backend, peak_plan))
         self.sampler = Sampler(c.eos_token_ids)
         self.states = RequestStates(self.cache.num_blocks, block_size, c.max_model_len, c.vocab_size)
         self.staging = HostStaging(self.device)
+        self.graphs = self._capture_graphs(max_num_seqs, enforce_eager)
         self.steps = 0
         self.last_step_time_s = 0.0
+
+    def _capture_graphs(self, max_num_seqs: int, enforce_eager: bool) -> DecodeGraphRunner | None:
+        """CUDA graphs of decode steps up to min(max_num_seqs, 512) rows, unless eager."""
+        if enforce_eager or not DecodeGraphRunner.supported(self.backend, self.cache):
+            return None
+        max_blocks = -(-self.config.max_model_len // self.cache.block_size)
+        runner = DecodeGraphRunner(self.model, self.cache, self.backend,
+                                   min(max_num_seqs, MAX_GRAPH_BATCH), max_blocks)
+        runner.capture()
+        return runner
+
+    def _forward(self, batch: StepBatch, meta: Any) -> torch.Tensor:
+        """One forward pass: a captured graph where one fits the step, else eager."""
+        if self.graphs is not None:
+            return self.graphs.run(batch, meta)
+        return self.model.forward(batch, self.cache, self.backend, meta)
 
     # -- the one hot call -------------------------------------------------------------------
     def execute(self, plan: DiffPlan | Plan) -> StepResult:
@@ -68,7 +119,7 @@ class ModelActor:
         if len(rows.slots):
             batch = build_batch(rows, self.device, self.cache.block_size, self.staging)
             meta = self.backend.prepare(batch, self.cache)
-            logits = self.model.forward(batch, self.cache, self.backend, meta)
+            logits = self._forward(batch, meta)
             context = rows.context_lens
             sample_rows = [SampleRow(rows.request_ids[i], rows.sampling[i], int(context[i]))
                            for i in batch.sample_chunks]
@@ -83,6 +134,13 @@ class ModelActor:
         if isinstance(plan, Plan):
             result.request_ids = [t.request_id for t in tokens]
         return result
+
+    def logits(self, plan: Plan) -> torch.Tensor:
+        """fp32 logits of the plan's sampled rows, in plan order, without sampling: what
+        `execute` samples from (bench/gpu_check.py compares them with transformers)."""
+        self._validate(plan)
+        batch = build_batch(plan, self.device)
+        return self._forward(batch, self.backend.prepare(batch, self.cache))
 
     def _validate(self, plan: Plan) -> None:
         self.cache.validate(plan)

@@ -37,8 +37,10 @@ class EngineArgs:
     policy_args: dict = field(default_factory=dict)
     num_model_actors: int = 1
     model_actor_resources: dict = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
-    kv_cache_tokens: int = 16384
-    kv_cache_memory_fraction: float = 0.9
+    kv_cache_tokens: int = 16384  # CPU model actors: the KV cache in tokens
+    gpu_memory_utilization: float = 0.9  # GPU model actors: vLLM's fraction of total memory
+    kv_cache_memory_fraction: float | None = None  # deprecated name of gpu_memory_utilization
+    enforce_eager: bool = False  # no CUDA graphs (vLLM's flag)
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
@@ -96,9 +98,11 @@ async def create_model_actors(a: EngineArgs) -> list[Any]:
         if sim:
             kwargs["output_lengths"] = a.sim_output_lengths
         else:
-            kwargs.update(kv_cache_tokens=a.kv_cache_tokens, block_size=a.block_size,
-                          kv_cache_memory_fraction=a.kv_cache_memory_fraction, dtype=a.dtype,
-                          attention=a.attention, num_threads=max(1, int(num_cpus)))
+            kwargs.update(kv_cache_tokens=a.kv_cache_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
+                          kv_cache_memory_fraction=a.kv_cache_memory_fraction, block_size=a.block_size,
+                          dtype=a.dtype, attention=a.attention, num_threads=max(1, int(num_cpus)),
+                          max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                          enforce_eager=a.enforce_eager)
         actors.append(actor_cls.options(**options).remote(**kwargs))
     return actors
 

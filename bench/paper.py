@@ -1,11 +1,13 @@
-"""The paper's experiments (PAPER.md section 6) in the simulator: sweeps over lambda per policy.
+"""The paper's experiments (scheduler/SCHEDULING.md §7) in the simulator: sweeps over lambda per policy.
 
     python -m bench.paper [--quick] [--out bench/results]      (also: fluidserve bench paper)
 
-Writes paper.csv, one PNG per experiment (mean latency and TTFT vs lambda, the fluid stability
-limit as a dashed line) and paper.md (the tables) to --out. Preset a100-llama2-7b throughout.
-Nested WAIT on LMSYS uses the per-lambda setting found by bench/tune_nested.py
-(results/nested_tuned.json) when present, as the paper tunes B and L per lambda.
+Writes paper.csv, one PNG per experiment (mean latency and TTFT vs lambda, the two fluid limits
+as dashed lines: load < 1 and M* <= C) and paper.md (the tables) to --out. Preset
+a100-llama2-7b throughout. Nested WAIT runs in both modes: production (the default) and the
+paper's rule (`nested-wait-paper`); on LMSYS the paper's rule uses the per-lambda setting found
+by bench/tune_nested.py (results/nested_tuned.json) when present, as the paper tunes B and L per
+lambda.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ from pathlib import Path
 from scheduler import fluid
 from scheduler.cost import CostModel, preset
 from scheduler.experiment import run_policy
-from scheduler.workload import (DEFAULT_TRACE, Arrival, WorkloadError, job_types, parse_types,
-                                read_trace, shared_trace, synthetic_workload, trace_workload)
+from scheduler.workload import (LMSYS_TRACE, Arrival, job_types, parse_types, read_trace,
+                                synthetic_workload, trace_workload)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COST = preset("a100-llama2-7b")
-ALL = ("wait", "nested-wait", "sarathi", "vllm")
+ALL = ("wait", "nested-wait", "nested-wait-paper", "sarathi", "vllm")
+# A column label -> (policy name, its args); labels not listed are policy names.
+VARIANTS = {"nested-wait-paper": ("nested-wait", {"mode": "paper"})}
 
 
 @dataclass
@@ -51,7 +55,8 @@ def experiments() -> list[Experiment]:
                    nested={"bounds": [20, 50]}),
         Experiment("p512d1000", "p512d1000", [4.5], [4.5], "512:1000", num_requests=400),
         Experiment("lmsys", "LMSYS-Chat-1M (in < 200, out < 500)", [10, 20, 30, 40, 45, 48],
-                   [20, 40], None, policies=("nested-wait", "sarathi", "vllm"), num_requests=3000),
+                   [20, 40], None, policies=("nested-wait", "nested-wait-paper", "sarathi", "vllm"),
+                   num_requests=3000),
         Experiment("two_types", "l = (10, 10), o = (10, 20), equal rates",
                    [200, 300, 400, 450, 500], [300, 450], "10:10:0.5,10:20:0.5"),
         Experiment("three_types", "l = 20, o = (100, 200, 300), rates 6:4:2",
@@ -71,14 +76,10 @@ _TRACE_ROWS = None
 
 
 def lmsys_arrivals(rate: float, n: int, seed: int = 0) -> list[Arrival]:
-    """The LMSYS trace (../shared/traces, else the shipped 2,000-row sample), Poisson at rate."""
+    """The paper's LMSYS trace (20,000 rows shipped in scheduler/data), Poisson at rate."""
     global _TRACE_ROWS
     if _TRACE_ROWS is None:
-        try:
-            path = shared_trace("lmsys_chat_1m_in200_out500.csv")
-        except WorkloadError:
-            path = DEFAULT_TRACE
-        _TRACE_ROWS = read_trace(path)
+        _TRACE_ROWS = read_trace(LMSYS_TRACE)
     return trace_workload(_TRACE_ROWS, n, seed, rate=rate)
 
 
@@ -94,20 +95,20 @@ def fluid_types(exp: Experiment, rate: float) -> list[fluid.JobType]:
     return [fluid.JobType(t.prompt_len, t.output_len, rate * t.share) for t in parse_types(exp.types)]
 
 
-def stability_limit(exp: Experiment, cost: CostModel = COST) -> float:
-    """The largest total rate with fluid load < 1 (load is linear in the rate)."""
-    load_at_1 = fluid.solve(fluid_types(exp, 1.0), cost).load
-    return 1.0 / load_at_1
+def limits(exp: Experiment, cost: CostModel = COST) -> fluid.RateLimits:
+    """The rates where the fluid load reaches 1 and where M* reaches C (both linear in rate)."""
+    return fluid.rate_limits(fluid_types(exp, 1.0), cost)
 
 
-def nested_params(exp: Experiment, rate: float, tuned: dict) -> tuple[dict, str]:
+def nested_params(exp: Experiment, label: str, rate: float, tuned: dict) -> tuple[dict, str]:
     """Nested WAIT's parameters at this rate and a note on where they come from."""
-    if exp.types is not None:
-        return dict(exp.nested), "segments at the known lengths, fluid thresholds"
-    if tuned:
+    params = dict(exp.nested)
+    if label == "nested-wait-paper" and exp.types is None and tuned:
         nearest = min(tuned, key=lambda r: abs(float(r) - rate))
-        return dict(tuned[nearest]), f"tuned on the grid at lambda = {float(nearest):g}"
-    return {}, "default (10 quantile segments, fluid thresholds)"
+        return {**tuned[nearest], **params}, f"paper's rule tuned on the grid at lambda = {float(nearest):g}"
+    if exp.types is not None:
+        return params, "segments at the known lengths"
+    return params, "10 quantile segments of the observed lengths"
 
 
 # --- the sweep ------------------------------------------------------------------------------
@@ -123,10 +124,13 @@ def run_experiment(exp: Experiment, quick: bool, tuned: dict) -> list[dict]:
     for rate in (exp.quick_rates if quick else exp.rates):
         arrivals = arrivals_for(exp, rate, n)
         for policy in exp.policies:
-            params, note = nested_params(exp, rate, tuned) if policy == "nested-wait" else ({}, "")
+            name, args = VARIANTS.get(policy, (policy, {}))
+            params, note = ({}, "")
+            if name == "nested-wait":
+                params, note = nested_params(exp, policy, rate, tuned)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # thresholds past the stability limit warn
-                out = run_policy(policy, arrivals, COST, dict(params))
+                out = run_policy(name, arrivals, COST, {**args, **params})
             row = {k: out.get(k) for k in FIELDS}
             row.update(experiment=exp.name, policy=policy, rate=rate,
                        params=json.dumps(params) if params else note)
@@ -136,7 +140,7 @@ def run_experiment(exp: Experiment, quick: bool, tuned: dict) -> list[dict]:
     return rows
 
 
-def plot(exp: Experiment, rows: list[dict], limit: float, out: Path) -> None:
+def plot(exp: Experiment, rows: list[dict], limit: fluid.RateLimits, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +152,9 @@ def plot(exp: Experiment, rows: list[dict], limit: float, out: Path) -> None:
         for policy in exp.policies:
             pts = sorted((r["rate"], r[key]) for r in rows if r["policy"] == policy)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=policy)
-        ax.axvline(limit, color="grey", ls="--", lw=1, label=f"fluid limit {limit:.1f}/s")
+        ax.axvline(limit.load, color="grey", ls="--", lw=1, label=f"load = 1 at {limit.load:.1f}/s")
+        ax.axvline(limit.memory, color="tab:red", ls=":", lw=1,
+                   label=f"M* = C at {limit.memory:.1f}/s")
         ax.set_yscale("log")
         ax.set_xlabel("arrival rate lambda (req/s)")
         ax.set_ylabel(label)
@@ -160,18 +166,21 @@ def plot(exp: Experiment, rows: list[dict], limit: float, out: Path) -> None:
     plt.close(fig)
 
 
-def markdown(exps: list[Experiment], rows: list[dict], limits: dict[str, float]) -> str:
+def markdown(exps: list[Experiment], rows: list[dict], limits: dict[str, fluid.RateLimits]) -> str:
     lines = ["# Paper reproduction (simulated, preset a100-llama2-7b)", "",
              "Mean latency / mean TTFT in seconds per policy; `python -m bench.paper` regenerates "
-             "this file, paper.csv and the plots. Nested WAIT on LMSYS is tuned per lambda on a "
-             "grid (bench/tune_nested.py), as the paper does; elsewhere it uses the known lengths "
-             "as segments and the fluid thresholds.", ""]
+             "this file, paper.csv and the plots. `nested-wait` is production Nested WAIT (the "
+             "default), `nested-wait-paper` the paper's rule with its conditions enforced; on "
+             "LMSYS the paper's rule is tuned per lambda on a grid (bench/tune_nested.py), as the "
+             "paper does; elsewhere both use the known lengths as segments.", ""]
     for exp in exps:
         mine = [r for r in rows if r["experiment"] == exp.name]
         if not mine:
             continue
-        lines += [f"## {exp.title}", "", f"Fluid stability limit: lambda = {limits[exp.name]:.2f} req/s "
-                  f"({mine[0]['submitted']} requests per run). ![{exp.name}]({exp.name}.png)", ""]
+        lim = limits[exp.name]
+        lines += [f"## {exp.title}", "", f"Fluid limits: load < 1 below lambda = {lim.load:.2f} req/s, "
+                  f"M* <= C up to {lim.memory:.2f} req/s ({mine[0]['submitted']} requests per run). "
+                  f"![{exp.name}]({exp.name}.png)", ""]
         lines.append("| lambda | " + " | ".join(exp.policies) + " | fluid tok/s |")
         lines.append("|---" * (len(exp.policies) + 2) + "|")
         for rate in sorted({r["rate"] for r in mine}):
@@ -182,7 +191,8 @@ def markdown(exps: list[Experiment], rows: list[dict], limits: dict[str, float])
             fluid_tp = next(
                 x["fluid_throughput_tok_s"] for x in mine if x["rate"] == rate)
             lines.append(f"| {rate:g} | " + " | ".join(cells) + f" | {fluid_tp:,.0f} |")
-        notes = {r["params"] for r in mine if r["policy"] == "nested-wait" and r["params"]}
+        notes = {f"{r['policy']}: {r['params']}" for r in mine
+                 if r["policy"].startswith("nested-wait") and r["params"]}
         if notes:
             lines += ["", "Nested WAIT settings: " + "; ".join(sorted(notes))]
         lines.append("")
@@ -205,19 +215,19 @@ def main(argv: list[str] | None = None) -> int:
         exps = [e for e in exps if e.name in wanted]
     t0 = time.perf_counter()
     rows: list[dict] = []
-    limits: dict[str, float] = {}
+    limit: dict[str, fluid.RateLimits] = {}
     for exp in exps:
-        limits[exp.name] = stability_limit(exp)
+        limit[exp.name] = limits(exp)
         mine = run_experiment(exp, args.quick, tuned)
         rows += mine
-        plot(exp, mine, limits[exp.name], out)
+        plot(exp, mine, limit[exp.name], out)
     with (out / "paper.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
                              for k, v in r.items()})
-    (out / "paper.md").write_text(markdown(exps, rows, limits))
+    (out / "paper.md").write_text(markdown(exps, rows, limit))
     print(json.dumps({"runs": len(rows), "wall_s": round(time.perf_counter() - t0, 1), "out": str(out)}))
     return 0
 

@@ -1,7 +1,8 @@
-"""Grid search of Nested WAIT's settings on the LMSYS trace, per arrival rate (PAPER.md section 6).
+"""Grid search of Nested WAIT's settings on the LMSYS trace, per arrival rate (scheduler/SCHEDULING.md §7).
 
-The paper tunes the total budget B and the number of segments L per lambda; we also try the
-fluid thresholds with a slack. Writes bench/results/nested_tuned.json ({rate: best params}) and nested_grid.jsonl,
+The paper tunes the total budget B and the number of segments L per lambda for its rule
+(`mode: paper`); we also try the fluid thresholds with a slack. Production Nested WAIT needs no
+tuning: it decides admission from the forecast, not from B. Writes bench/results/nested_tuned.json ({rate: best params}) and nested_grid.jsonl,
 which bench/paper.py uses, and prints the grid.
 
     python -m bench.tune_nested [--quick] [--rates 20,30,40,45] [--num-requests 2000]
@@ -38,7 +39,7 @@ def tune(rate: float, n: int, quick: bool, seed: int = 0) -> tuple[dict, list[di
     for params in grid(quick):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = run_policy("nested-wait", arrivals, cost, dict(params))
+            out = run_policy("nested-wait", arrivals, cost, {"mode": "paper", **params})
         rows.append({"rate": rate, **params, "latency_mean_s": out["latency_mean_s"],
                      "ttft_mean_s": out["ttft_mean_s"], "throughput_tok_s": out["throughput_tok_s"],
                      "completed": out["completed"]})

@@ -5,6 +5,7 @@ Every user error exits non-zero with one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -45,10 +46,17 @@ def _add_workload_args(p: argparse.ArgumentParser, rate_required: bool = True) -
 def _add_cost_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="a100-llama2-7b", help=f"cost preset: {', '.join(PRESETS)}")
     p.add_argument("--cost-file", help="a fitted cost model (fluidserve calibrate --out)")
+    p.add_argument("--kv-capacity", type=_positive(int), metavar="TOKENS",
+                   help="override the KV capacity C of the preset or cost file")
 
 
 def _cost(args) -> CostModel:
-    return CostModel.load(args.cost_file) if args.cost_file else preset(args.preset)
+    cost = CostModel.load(args.cost_file) if args.cost_file else preset(args.preset)
+    if args.kv_capacity:
+        if args.kv_capacity < cost.block_size:
+            raise CLIError(f"--kv-capacity must hold at least one block ({cost.block_size} tokens)")
+        cost = dataclasses.replace(cost, kv_capacity_tokens=args.kv_capacity)
+    return cost
 
 
 def _json_or_table(args, out: dict, table) -> None:
@@ -75,13 +83,29 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _fluid_types(args) -> list:
+    """The workload as fluid job types at --rate: --types, or one type per distinct
+    (prompt, output) pair of a --trace, at its share of the rows."""
+    from scheduler import fluid
+    from scheduler.workload import parse_types, read_trace
+
+    if args.types:
+        return [fluid.JobType(t.prompt_len, t.output_len, args.rate * t.share)
+                for t in parse_types(args.types)]
+    rows = read_trace(args.trace)
+    counts: dict[tuple[int, int], int] = {}
+    for r in rows:
+        counts[(r.prompt_len, r.output_len)] = counts.get((r.prompt_len, r.output_len), 0) + 1
+    return [fluid.JobType(p, o, args.rate * c / len(rows)) for (p, o), c in sorted(counts.items())]
+
+
 def cmd_fluid(args) -> int:
     from scheduler import fluid
-    from scheduler.workload import parse_types
 
     cost = _cost(args)
-    types = [fluid.JobType(t.prompt_len, t.output_len, args.rate * t.share) for t in parse_types(args.types)]
+    types = _fluid_types(args)
     sol = fluid.solve(types, cost)
+    limits = fluid.rate_limits(types, cost)
     out = {
         "stable": sol.stable,
         "load": sol.load,
@@ -91,8 +115,13 @@ def cmd_fluid(args) -> int:
         "throughput_tok_s": sol.throughput_tok_s,
         "kv_capacity_tokens": sol.kv_capacity_tokens,
         "fits": sol.fits,
-        "message": sol.message(),
+        "load_limit_rps": limits.load,
+        "memory_limit_rps": limits.memory,
+        "message": f"{sol.message()}; limits: load < 1 below {limits.load:.3g} req/s, "
+                   f"M* <= C up to {limits.memory:.3g} req/s",
     }
+    if not args.json and out["per_stage"] and len(out["per_stage"]) > 8:
+        out["per_stage"] = f"{sum(out['per_stage']):.4g} in all over {len(types)} types"
     _json_or_table(args, out, _print_kv)
     return 0
 
@@ -122,8 +151,8 @@ def cmd_calibrate(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
 
-    modules = {"paper": "bench.paper", "serve": "bench.serve", "live": "bench.live", "engine": "bench.engine",
-               "scale": "bench.scale"}
+    modules = {"paper": "bench.paper", "serve": "bench.serve", "live": "bench.live",
+               "engine": "bench.engine", "policies": "bench.policies", "scale": "bench.scale"}
     module = importlib.import_module(modules[args.which])
     return module.main(args.rest) or 0
 
@@ -141,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("fluid", help="the fluid benchmark of a workload")
-    p.add_argument("--types", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--types", help="prompt:output[:share],... e.g. 512:20:0.7,512:50:0.3")
+    src.add_argument("--trace", help="CSV: the length distribution of its rows")
     p.add_argument("--rate", type=_positive(float), required=True)
     _add_cost_args(p)
     p.add_argument("--json", action="store_true")
@@ -158,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("bench", help="benchmarks: paper, serve, live, engine, scale")
-    p.add_argument("which", choices=["paper", "serve", "live", "engine", "scale"])
+    p = sub.add_parser("bench", help="benchmarks: paper, policies, serve, live, engine, scale")
+    p.add_argument("which", choices=["paper", "policies", "serve", "live", "engine", "scale"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser

@@ -1,4 +1,5 @@
-"""Incremental detokenization with stop strings, for streaming text deltas."""
+"""Incremental detokenization with stop strings, for streaming text deltas; each token's own
+text and bytes, for logprobs."""
 from __future__ import annotations
 
 from typing import Any
@@ -30,8 +31,14 @@ class TextStream:
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; returns the newly emittable text."""
+        self.extend(token_ids)
+        return self.emit()
+
+    def extend(self, token_ids: list[int]) -> bool:
+        """Append tokens without emitting (callers feeding one token at a time emit once after
+        the lot); True once a stop string has ended the text."""
         if self.stopped:
-            return ""
+            return True
         self.token_ids.extend(token_ids)
         start = len(self.text)
         self.text += self._decode_new()
@@ -39,6 +46,11 @@ class TextStream:
             cut = self.text.find(s, max(0, start - len(s) + 1))
             if cut != -1:
                 self.text, self.stopped = self.text[:cut], True
+        return self.stopped
+
+    def emit(self) -> str:
+        """The text that can go out now: all of it once stopped, else all but what may be the
+        start of a stop string."""
         return self._emit(final=self.stopped)
 
     def flush(self) -> str:
@@ -67,9 +79,55 @@ class TextStream:
     def _held_back(self) -> int:
         """Length of the longest text suffix that is a proper prefix of a stop string."""
         longest = 0
+        last = self.text[-1:]
         for s in self.stop:
             for k in range(min(len(s) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(s[:k]):
+                # s[k - 1] == last first: a cheap filter before comparing k characters.
+                if s[k - 1] == last and self.text.endswith(s[:k]):
                     longest = k
                     break
         return longest
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's scheme), reversed: char -> byte.
+    Printable Latin-1 bytes stand for themselves; the others map to U+0100 onwards in order."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: chr(b) for b in kept}
+    shifted = (b for b in range(256) if b not in chars)
+    for n, b in enumerate(shifted):
+        chars[b] = chr(256 + n)
+    return {c: b for b, c in chars.items()}
+
+
+class TokenTexts:
+    """Each token id's own text and raw UTF-8 bytes, as logprobs report them (OpenAI's `token`
+    and `bytes`). A byte-level BPE token can hold part of a character: its bytes are exact and
+    its text shows U+FFFD for the partial character. Cached: the same ids recur."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None)
+        self._bytes_of = _byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else None
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._lookup(token_id)
+        return hit
+
+    def text(self, token_id: int) -> str:
+        return self(token_id)[0]
+
+    def _lookup(self, token_id: int) -> tuple[str, list[int]]:
+        if self._bytes_of is not None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str):
+                # Added tokens (<|im_end|>) are plain text: their characters are their own UTF-8.
+                raw = b"".join(bytes([self._bytes_of[c]]) if c in self._bytes_of else c.encode()
+                               for c in piece)
+                return raw.decode("utf-8", errors="replace"), list(raw)
+        text = self.tokenizer.decode([token_id])
+        return text, list(text.encode("utf-8", errors="replace"))

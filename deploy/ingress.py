@@ -21,17 +21,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deploy.detokenize import TextStream
-from deploy.protocol import (
-    APIError,
-    ChatRequest,
-    CompletionRequest,
-    chat_object,
-    completion_object,
-    new_id,
-    parse,
-    usage,
-)
+from deploy.detokenize import TokenTexts
+from deploy.outputs import Delta, OutputAssembler
+from deploy.prepare import ModelLimits, PromptBuilder, check_length, check_vocab
+from deploy.protocol import APIError, ChatRequest, CompletionRequest, parse
+from deploy.responses import ChatFormat, CompletionFormat, new_id, usage
 from deploy.tokenizer import load_tokenizer, served_model_name
 from monitoring.metrics import CONTENT_TYPE
 
@@ -53,14 +47,6 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("internal error")
     return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "internal_error").body(),
                         status_code=500)
-
-
-def _completion_lp(lps: list | None) -> dict | None:
-    return {"token_logprobs": lps} if lps else None
-
-
-def _chat_lp(lps: list | None) -> dict | None:
-    return {"content": [{"logprob": lp} for lp in lps]} if lps else None
 
 
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
@@ -95,6 +81,8 @@ class Ingress:
         self.model = model
         self.model_name = model_name or served_model_name(model)
         self.tokenizer = load_tokenizer(model)
+        self.prompts = PromptBuilder(self.tokenizer)
+        self.token_texts = TokenTexts(self.tokenizer)
         # Keys come from the environment only (a K8s secret, or forwarded by build_app), never
         # from the config; an unset or empty variable leaves that route open.
         self.api_key = (os.environ.get(api_key_env) or None) if api_key_env else None
@@ -121,7 +109,11 @@ class Ingress:
     @app.post("/v1/completions")
     async def http_completions(self, request: Request) -> Response:
         self._authorize(request, self.api_key)
-        req = parse(CompletionRequest, await self._read_json(request))
+        body = await self._read_json(request)
+        if isinstance(body, dict) and isinstance(body.get("prompt"), list):
+            # Before validating a huge id list element by element: its length alone may decide.
+            check_length(len(body["prompt"]), await self._limits(), "prompt")
+        req = parse(CompletionRequest, body)
         return self._respond(await self._completions(req))
 
     @app.post("/v1/chat/completions")
@@ -196,6 +188,9 @@ class Ingress:
             self._info = await self.scheduler.info.remote()
         return self._info
 
+    async def _limits(self) -> ModelLimits:
+        return ModelLimits.from_info(await self._model_info())
+
     def _check_model(self, name: str | None) -> None:
         if name is not None and name not in (self.model_name, self.model):
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
@@ -203,62 +198,40 @@ class Ingress:
 
     async def _completions(self, req: CompletionRequest):
         self._check_model(req.model)
-        if isinstance(req.prompt, str):
-            ids = self._tokenize(req.prompt, "prompt")
-        else:
-            ids = await self._checked_ids(req.prompt)
+        limits = await self._limits()
+        ids = await self.prompts.completion(req, limits)
         max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
-        gen = self._generate(ids, req, max_tokens, logprobs=bool(req.logprobs))
-        rid = new_id("cmpl")
-
-        def build(text, finish, use, chunk, first=False, lp=None):
-            return completion_object(rid, self.model_name, text, finish, use, chunk, _completion_lp(lp))
-
-        return await self._finish(gen, req.stream, build)
+        fmt = CompletionFormat(new_id("cmpl"), self.model_name, self.token_texts, req.wants_logprobs)
+        return await self._answer(req, ids, max_tokens, limits, fmt)
 
     async def _chat(self, req: ChatRequest):
         self._check_model(req.model)
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                    for m in req.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # noqa: BLE001 - the template rejects this conversation (e.g. role order)
-            raise APIError(400, f"the messages do not fit the model's chat template: {exc}",
-                           param="messages") from None
-        ids = self._tokenize(text, "messages", add_special_tokens=False)
+        limits = await self._limits()
+        ids = await self.prompts.chat(req, limits)
         max_tokens = req.max_completion_tokens or req.max_tokens  # None: up to the context
-        gen = self._generate(ids, req, max_tokens, logprobs=req.logprobs)
-        rid = new_id("chatcmpl")
+        fmt = ChatFormat(new_id("chatcmpl"), self.model_name, self.token_texts, req.wants_logprobs)
+        return await self._answer(req, ids, max_tokens, limits, fmt)
 
-        def build(text, finish, use, chunk, first=False, lp=None):
-            return chat_object(rid, self.model_name, text, finish, use, chunk, first, _chat_lp(lp))
+    async def _answer(self, req, ids: list[int], max_tokens: int | None, limits: ModelLimits, fmt):
+        check_vocab(req.stop_token_ids or [], limits, "stop_token_ids")
+        prompt_tokens, deltas = await self._generate(ids, req, max_tokens)
+        if req.stream:
+            return self._stream_chunks(req, fmt, prompt_tokens, deltas)
+        parts, tokens, last = [], [], Delta("", None, 0)
+        async for last in deltas:
+            parts.append(last.text)
+            tokens += last.tokens
+        return fmt.response("".join(parts), last.finish_reason, tokens,
+                            usage(prompt_tokens, last.completion_tokens))
 
-        return await self._finish(gen, req.stream, build)
-
-    def _tokenize(self, text: str, param: str, **kwargs: Any) -> list[int]:
-        try:
-            # JSON escapes can carry lone surrogates ("\\ud800"), which no tokenizer encodes.
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise APIError(400, "the text contains invalid unicode (a lone surrogate)", param=param) from None
-        return self.tokenizer(text, **kwargs)["input_ids"]
-
-    async def _checked_ids(self, ids: list[int]) -> list[int]:
-        vocab = (await self._model_info())["vocab_size"]
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param="prompt")
-        return ids
-
-    async def _generate(self, ids: list[int], req, max_tokens: int | None, logprobs: bool):
-        """Submit to the scheduler; returns (prompt_tokens, async iterator of deltas). Admission
+    async def _generate(self, ids: list[int], req, max_tokens: int | None):
+        """Submit to the scheduler; returns (prompt_tokens, async iterator of Deltas). Admission
         errors (400/429/503) raise here, before any response is started."""
-        temperature = req.temperature
         stream = self.scheduler.options(stream=True).generate.remote({
-            "prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": temperature,
-            "top_p": req.top_p, "top_k": max(0, req.top_k), "seed": req.seed,
+            "prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": req.temperature,
+            "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed,
             "stop_token_ids": req.stop_token_ids or [], "ignore_eos": req.ignore_eos,
-            "logprobs": logprobs,
+            "logprobs": req.wants_logprobs, "top_logprobs": req.num_top_logprobs,
         })
         try:
             first = await stream.__anext__()
@@ -270,12 +243,12 @@ class Ingress:
             raise APIError(err["status"], err["message"], code=err["code"],
                            type_="rate_limit_error" if err["status"] == 429 else "invalid_request_error",
                            headers=headers)
-        return first["prompt_tokens"], self._deltas(stream, req.stop or [])
+        output = OutputAssembler(self.tokenizer, req.stop or [], req.wants_logprobs)
+        return first["prompt_tokens"], self._deltas(stream, output)
 
-    async def _deltas(self, stream, stop: list[str]) -> AsyncIterator[tuple[str, str | None, int, list]]:
-        """(text delta, finish reason, completion tokens so far, logprobs) per scheduler message."""
-        text = TextStream(self.tokenizer, stop)
-        count = 0
+    @staticmethod
+    async def _deltas(stream, output: OutputAssembler) -> AsyncIterator[Delta]:
+        """One Delta per scheduler message, up to the finishing one."""
         try:
             while True:
                 try:
@@ -286,32 +259,31 @@ class Ingress:
                     raise _scheduler_lost(exc) from None
                 if msg.get("error"):
                     raise APIError(500, f"generation failed: {msg['error']}", "internal_error")
-                count += len(msg["token_ids"])
-                lps = [lp for lp in msg.get("logprobs") or [] if lp is not None]
-                delta = text.add(msg["token_ids"])
-                finish = "stop" if text.stopped else msg["finish_reason"]
-                if finish:
-                    yield delta + text.flush(), finish, count, lps
+                delta = output.feed(msg)
+                yield delta
+                if delta.finish_reason:
                     return
-                yield delta, None, count, lps
         finally:
             stream.cancel()  # no-op when finished; frees the KV of an abandoned request at once
 
-    async def _finish(self, gen, streaming: bool, build):
-        prompt_tokens, deltas = await gen
-        if streaming:
-            return self._stream_chunks(prompt_tokens, deltas, build)
-        parts, finish, count, lps = [], None, 0, []
-        async for delta, finish, count, lp in deltas:
-            parts.append(delta)
-            lps += lp
-        return build("".join(parts), finish, usage(prompt_tokens, count), False, lp=lps or None)
-
     @staticmethod
-    async def _stream_chunks(prompt_tokens: int, deltas, build) -> AsyncIterator[dict]:
-        first = True
-        async for delta, finish, count, lp in deltas:
-            use = usage(prompt_tokens, count) if finish else None
-            if delta or finish or first:
-                yield build(delta, finish, use, True, first=first, lp=lp or None)
-                first = False
+    async def _stream_chunks(req, fmt, prompt_tokens: int, deltas) -> AsyncIterator[dict]:
+        """The chunks of a stream. With stream_options.include_usage, as OpenAI: `usage: null` on
+        every chunk (the usage so far with continuous_usage_stats, as vLLM), then a last chunk
+        with `choices: []` and the usage. Without stream_options (fluidserve's default, kept for
+        clients that read it there): the usage on the finishing chunk only."""
+        first, count = True, 0
+        async for d in deltas:
+            count = d.completion_tokens
+            if not (d.text or d.finish_reason or d.tokens or first):
+                continue  # nothing new to say (a character still incomplete, a held-back stop)
+            use = usage(prompt_tokens, count)
+            if req.include_usage:
+                yield fmt.chunk(d.text, d.finish_reason, d.tokens, first,
+                                use if req.continuous_usage else None, with_usage=True)
+            else:
+                final = d.finish_reason is not None and req.stream_options is None
+                yield fmt.chunk(d.text, d.finish_reason, d.tokens, first, use, with_usage=final)
+            first = False
+        if req.include_usage:
+            yield fmt.usage_chunk(usage(prompt_tokens, count))

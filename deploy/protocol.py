@@ -1,18 +1,26 @@
-"""The OpenAI-compatible request schema, validation, and response objects.
+"""The OpenAI-compatible request schema and its validation.
 
 Validation is strict on purpose: a field we do not support (n > 1, logit_bias, echo...) is an
 explicit 400 naming the field rather than a silently different answer; unknown fields are
-rejected the same way so typos do not pass unnoticed.
+rejected the same way so typos do not pass unnoticed. Every number is range-checked here, so no
+request can carry a value that breaks the shared batch it joins (a temperature of 1e-39 would
+overflow the sampler for every row of the batch): what passes is safe to sample.
 """
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# A stop string is matched against every streamed delta (and held back while it may be starting),
+# so its length is a per-message cost the client chooses: bound it.
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs (vLLM's default max_logprobs)
+# Below this a temperature is greedy, as vLLM treats it: dividing logits by it would overflow.
+GREEDY_TEMPERATURE = 1e-5
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class APIError(Exception):
@@ -32,11 +40,13 @@ class APIError(Exception):
 
 class _Strict(BaseModel):
     # Strict types: "5" is not a number and "yes" is not a boolean (OpenAI rejects both too).
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # NaN and infinity (Python's json accepts them) are not numbers either.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = True
+    include_usage: bool = False  # a last chunk with `choices: []` and the usage
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk too
 
 
 class _SamplingFields(_Strict):
@@ -44,18 +54,29 @@ class _SamplingFields(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    top_k: int = Field(default=0, ge=-1, le=2**31 - 1, description="0 or -1: no top-k cut")
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=64)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="only n = 1 is supported")
-    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported")
-    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_is_greedy(cls, v: float) -> float:
+        return 0.0 if v < GREEDY_TEMPERATURE else v
+
+    @field_validator("top_k")
+    @classmethod
+    def _no_cut(cls, v: int) -> int:
+        return max(0, v)  # -1 (vLLM's "all") and 0 mean the same: no cut
 
     @field_validator("stop")
     @classmethod
@@ -65,7 +86,16 @@ class _SamplingFields(_Strict):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stops
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float) -> float:
+        if v != 0.0:
+            raise ValueError("penalties are not supported (only 0)")
+        return v
 
     @field_validator("logit_bias")
     @classmethod
@@ -73,10 +103,26 @@ class _SamplingFields(_Strict):
         if v:
             raise ValueError("logit_bias is not supported")
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats  # type: ignore[union-attr]
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=1)
+    # The sampled tokens' logprobs plus this many alternatives per token (OpenAI's legacy field).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = Field(default=False, description="echo is not supported")
     best_of: int | None = Field(default=None, ge=1, le=1)
     suffix: None = None
@@ -98,6 +144,14 @@ class CompletionRequest(_SamplingFields):
         if not v:
             raise ValueError("the prompt must not be empty")
         return v
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    @property
+    def num_top_logprobs(self) -> int:
+        return self.logprobs or 0
 
 
 class ContentPart(_Strict):
@@ -121,7 +175,22 @@ class ChatRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=0)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
+
+    @property
+    def num_top_logprobs(self) -> int:
+        return self.top_logprobs or 0
 
 
 def parse(model_cls: type[BaseModel], body: Any) -> Any:
@@ -140,41 +209,3 @@ def parse(model_cls: type[BaseModel], body: Any) -> Any:
             problems.append(f"{where}: {msg}")
         first = exc.errors()[0]["loc"]
         raise APIError(400, "; ".join(problems), param=str(first[0]) if first else None) from None
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_object(rid: str, model: str, text: str, finish: str | None, use: dict | None,
-                      chunk: bool, logprobs: dict | None = None) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        **({"usage": use} if use is not None or not chunk else {}),
-    }
-
-
-def chat_object(rid: str, model: str, text: str, finish: str | None, use: dict | None,
-                chunk: bool, first: bool = False, logprobs: dict | None = None) -> dict[str, Any]:
-    if chunk:
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": logprobs, "finish_reason": finish}
-        obj = "chat.completion"
-    out = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
-           "choices": [choice]}
-    if use is not None or not chunk:
-        out["usage"] = use
-    return out

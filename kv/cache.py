@@ -5,19 +5,26 @@ paged layout), stored as one `[num_layers, ...]` tensor each. Slot `s` is token 
 of block `s // block_size`. The scheduler's `kv.blocks.BlockPool` owns which blocks belong to
 whom; this class only writes where a step's slot mapping says. Diff plans are checked against
 the actor's own copy of every block table (`kv.tables`); a self-contained `Plan` is checked here,
-with numpy over the whole plan: every slot lies inside the writing request's own blocks.
+with numpy over the whole plan: every slot lies inside the writing request's own blocks. On CUDA
+one Triton kernel (kv/triton_store.py) writes a layer's K and V; `from_budget` sizes the cache
+like vLLM (kv/memory.py).
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kv.memory import KVBudget, MemorySnapshot, profile_peak
 from kv.tables import PlanError
 from scheduler.plan import Plan
 
 __all__ = ["KVCache", "KVShape", "PlanError", "validate_plan"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,24 +40,46 @@ class KVShape:
 
 class KVCache:
     def __init__(self, shape: KVShape, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype,
+                 triton_store: bool | None = None) -> None:
         if num_blocks <= 0:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
         dims = (shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
         self.k = torch.zeros(dims, device=device, dtype=dtype)
         self.v = torch.zeros(dims, device=device, dtype=dtype)
+        # CUDA: K and V of a layer written by one Triton kernel that also skips slot -1 (the
+        # padding rows of CUDA graphs). Elsewhere, or without Triton: two index_copy_.
+        if triton_store is None:
+            triton_store = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self._store = None
+        if triton_store:
+            from kv.triton_store import store_kv
+
+            self._store = store_kv
+
+    @property
+    def skips_negative_slots(self) -> bool:
+        """Whether `write` ignores slot -1 (padding rows) instead of failing."""
+        return self._store is not None
 
     @classmethod
     def from_budget(cls, shape: KVShape, block_size: int, device: torch.device,
                     dtype: torch.dtype, cpu_tokens: int = 16384,
-                    gpu_memory_fraction: float = 0.9) -> KVCache:
-        """GPU: a fraction of the memory still free after the weights; CPU: `cpu_tokens` tokens."""
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            num_blocks = int(free * gpu_memory_fraction) // shape.bytes_per_block(block_size, dtype)
-        else:
-            num_blocks = cpu_tokens // block_size
+                    gpu_memory_utilization: float = 0.9, before: MemorySnapshot | None = None,
+                    profile_step: Callable[[], int] | None = None) -> KVCache:
+        """CPU: `cpu_tokens` tokens. GPU: what `gpu_memory_utilization` of the device's total
+        memory leaves after the weights (already loaded), the peak of `profile_step` and the
+        memory used outside torch since `before` (see kv.memory)."""
+        if device.type != "cuda":
+            return cls(shape, cpu_tokens // block_size, block_size, device, dtype)
+        before = before or MemorySnapshot.take(device)
+        peak, after = profile_peak(device, profile_step)
+        budget = KVBudget.measure(before, after, peak, gpu_memory_utilization)
+        num_blocks = budget.kv_bytes // shape.bytes_per_block(block_size, dtype)
+        if num_blocks <= 0:
+            raise ValueError(f"no room for a KV cache: {budget.describe()}")
+        log.info("KV cache: %d blocks of %d tokens; %s", num_blocks, block_size, budget.describe())
         return cls(shape, num_blocks, block_size, device, dtype)
 
     @property
@@ -74,6 +103,9 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store new tokens' K/V `[tokens, kv_heads, head_dim]` at `slots` (validated plans only)."""
         k_flat, v_flat = self.flat(layer)
+        if self._store is not None:
+            self._store(k, v, k_flat, v_flat, slots)
+            return
         k_flat.index_copy_(0, slots, k)
         v_flat.index_copy_(0, slots, v)
 

@@ -7,8 +7,9 @@ The same core runs in the live scheduler actor and in the simulator:
     events = core.commit(batch, result, now)  # tokens appended, finished requests freed
 
 KV is accounted per model actor with a `BlockPool`. When a batch would not fit, the newest
-admissions are dropped from it and then resident requests are evicted LIFO (their KV freed, they
-re-prefill prompt + generated tokens later): the pool is never over-committed.
+admissions are dropped from it and then resident requests are evicted, the policy's `victim`
+first (LIFO unless the policy says otherwise; their KV is freed and they re-prefill prompt +
+generated tokens later): the pool is never over-committed.
 
 Planning may run ahead of execution (vLLM v1's async scheduling): `plan` applies a batch's
 effects at once, as if it had run: `num_computed_tokens` advances, and every row that samples
@@ -154,7 +155,11 @@ class SchedulerCore:
         return self.policy.wake_time(q)
 
     def _fit(self, q: WorkerQueues, batch: Batch) -> tuple[Batch, list[str]]:
-        """Shrink the batch / evict LIFO until its new KV fits in the free blocks."""
+        """Shrink the batch, then evict, until its new KV fits in the free blocks: new
+        admissions are left out first (newest first); a policy that pauses on overflow then
+        leaves out the residents that need a new block (they keep their KV and wait for a
+        completion to free one), as long as something still runs; the policy's victims are
+        evicted last."""
         free, size = q.pool.num_free_blocks, q.pool.block_size
         # Cheap upper bound first: n new tokens never need more than n // size + 1 new blocks.
         if sum(n // size + 1 for _, n in batch) <= free:
@@ -172,9 +177,14 @@ class SchedulerCore:
             if not q.pool.has(batch[i][0].request_id):
                 dropped.add(i)
                 total -= needs[i]
+        if total > q.pool.num_free_blocks and self.policy.pause_on_overflow:
+            growing = {i for i, need in enumerate(needs) if need and i not in dropped}
+            if len(growing) + len(dropped) < len(batch):  # the rest still runs: pause, not evict
+                dropped |= growing
+                total -= sum(needs[i] for i in growing)
         evicted: list[str] = []
         while total > q.pool.num_free_blocks and q.resident:
-            victim = q.resident[next(reversed(q.resident))]
+            victim = self.policy.victim(q)
             i = in_batch.get(victim.request_id)
             if i is not None and i not in dropped:
                 dropped.add(i)

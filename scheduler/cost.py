@@ -47,7 +47,7 @@ class CostModel:
 
 
 PRESETS: dict[str, CostModel] = {
-    # Llama-2-7B fp16 on an A100-80GB from first principles (PAPER.md section 1).
+    # Llama-2-7B fp16 on an A100-80GB from first principles (scheduler/SCHEDULING.md §1).
     "a100-llama2-7b": CostModel(
         d0=8e-3, d_tok=7e-5, d_kv=3e-7, kv_capacity_tokens=137_000, block_size=16,
         name="a100-llama2-7b",

@@ -1,4 +1,4 @@
-"""Online estimates of the arrival rate and the output-length distribution (PAPER.md section 5).
+"""Online estimates of the arrival rate and the output-length distribution (scheduler/SCHEDULING.md §5).
 
 The paper assumes lambda and the length distribution are known; live, the scheduler estimates
 them from arrivals and completions and recomputes thresholds and segments from the estimates.
@@ -11,7 +11,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 
-from scheduler.fluid import Segments, quantile_bounds, segments_from_lengths
+from scheduler.segments import Segments, quantile_bounds, segments_from_lengths
 
 
 class RateEstimator:

@@ -62,6 +62,8 @@ def run_policy(
     """Simulate `name` on `arrivals`; thresholds see the workload's rate and lengths (the hint)."""
     params = dict(params or {})
     config = PolicyConfig(max_num_seqs=params.pop("max_num_seqs", max_num_seqs))
+    if "max_num_batched_tokens" in params:
+        config.max_num_batched_tokens = params.pop("max_num_batched_tokens")
     hint = hint or workload_hint(arrivals)
     policy = make_policy(name, config, cost=cost, hint=hint, **params)
     out = simulate(arrivals, policy, cost, progress=progress, log_iterations=log_iterations)

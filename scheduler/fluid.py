@@ -1,6 +1,6 @@
-"""The fluid benchmark (PAPER.md section 2) and the thresholds derived from it (sections 3, 4).
+"""The fluid benchmark (scheduler/SCHEDULING.md §2) and the thresholds derived from it (§3, §4).
 
-Two cost models (PAPER.md section 1):
+Two cost models (scheduler/SCHEDULING.md §1):
 - "ours": tau = d0 + d_tok * new_tokens + d_kv * attended_kv. Over its life a type-j request
   costs c_j = d_tok (l_j + o_j) + d_kv o_j (l_j + (o_j + 1)/2) seconds of iteration time.
 - "paper": tau = d0 + d1 * sum(l + s). A type-j request costs d1 * w_j, with
@@ -41,7 +41,7 @@ class JobType:
 
     @property
     def kv_stages(self) -> float:
-        """w_j: KV tokens summed over the request's o_j + 1 stages (PAPER.md section 2)."""
+        """w_j: KV tokens summed over the request's o_j + 1 stages (scheduler/SCHEDULING.md §2)."""
         return (self.output_len + 1) * (self.prompt_len + self.output_len / 2)
 
 
@@ -69,7 +69,7 @@ class FluidSolution:
         return f"{head} > {cap}: the load needs more KV memory than the cache has"
 
 
-def _check_model(cost: CostModel, model: str) -> None:
+def check_model(cost: CostModel, model: str) -> None:
     if model not in MODELS:
         raise ValueError(f"unknown fluid model {model!r}; known: {', '.join(MODELS)}")
     if model == "paper" and not math.isclose(cost.d_tok, cost.d_kv, rel_tol=1e-9):
@@ -85,8 +85,8 @@ def _seconds_per_request(prompt_len: float, output_len: float, cost: CostModel, 
 
 
 def solve(types: list[JobType], cost: CostModel, model: str = "ours") -> FluidSolution:
-    """The fluid equilibrium of PAPER.md section 2 for `types` under `cost`."""
-    _check_model(cost, model)
+    """The fluid equilibrium of scheduler/SCHEDULING.md §2 for `types` under `cost`."""
+    check_model(cost, model)
     if not types:
         raise ValueError("the fluid model needs at least one job type")
     load = sum(t.rate * _seconds_per_request(t.prompt_len, t.output_len, cost, model) for t in types)
@@ -102,7 +102,36 @@ def solve(types: list[JobType], cost: CostModel, model: str = "ours") -> FluidSo
                          memory <= cost.kv_capacity_tokens)
 
 
-# --- WAIT (known lengths, PAPER.md section 3) -------------------------------------------------
+@dataclass(frozen=True)
+class RateLimits:
+    """The two rates a load's total arrival rate must stay below (same mix of types)."""
+
+    load: float  # the rate at which load = 1: past it latency grows without bound
+    memory: float  # the rate at which M* = C: past it the fluid equilibrium does not fit the cache
+
+    @property
+    def tighter(self) -> float:
+        return min(self.load, self.memory)
+
+
+def rate_limits(types: list[JobType], cost: CostModel, model: str = "ours") -> RateLimits:
+    """Both limits for the mix of `types` (their rates give the shares; the total is scaled).
+
+    Per unit of total rate, load = c and M* = d0 W / (1 - lambda c), with c and W the rate-weighted
+    mean cost and KV-stages of a request; so load < 1 iff lambda < 1 / c, and M* <= C iff
+    lambda <= C / (d0 W + C c).
+    """
+    check_model(cost, model)
+    total = sum(t.rate for t in types)
+    if not types or total <= 0:
+        raise ValueError("rate limits need at least one type with a positive rate")
+    c = sum(t.rate * _seconds_per_request(t.prompt_len, t.output_len, cost, model) for t in types) / total
+    w = sum(t.rate * t.kv_stages for t in types) / total
+    capacity = cost.kv_capacity_tokens
+    return RateLimits(load=1 / c, memory=capacity / (cost.d0 * w + capacity * c))
+
+
+# --- WAIT (known lengths, scheduler/SCHEDULING.md §3) -------------------------------------------------
 
 
 def _scale_to_memory(n: list[int], types: list[JobType], capacity: int) -> list[int]:
@@ -119,7 +148,7 @@ def _scale_to_memory(n: list[int], types: list[JobType], capacity: int) -> list[
 
 def wait_thresholds(types: list[JobType], cost: CostModel, slack: float = 0.1,
                     model: str = "ours") -> list[int]:
-    """Integer WAIT thresholds just above n_j* that meet PAPER.md section 3's condition.
+    """Integer WAIT thresholds just above n_j* that meet scheduler/SCHEDULING.md §3's condition.
 
     Condition: a full batch (n_j requests at every stage of every type) takes
     tau(n) = d0 + sum_j n_j c_j <= n_j / lambda_j (for the paper's model, d0 + d1 M^pi), so no
@@ -176,231 +205,6 @@ def wait_thresholds_from_budget(types: list[JobType], budget: float) -> list[int
     if total <= 0:
         raise ValueError("the types' rates sum to 0")
     return [max(1, round(budget * t.rate / total / (t.output_len + 1))) for t in types]
-
-
-# --- Nested WAIT (unknown lengths, PAPER.md section 4) ----------------------------------------
-
-
-@dataclass(frozen=True)
-class Segments:
-    bounds: list[int]  # o_1 < ... < o_m; segment 1 = stages 0..o_1, segment k = o_{k-1}+1..o_k
-    rates: list[float]  # Lambda_k: rate of requests reaching segment k (Lambda_1 = total rate)
-
-    def __post_init__(self) -> None:
-        if not self.bounds or len(self.bounds) != len(self.rates):
-            raise ValueError("segments need as many rates as bounds, at least one")
-        if self.bounds[0] < 1 or any(a >= b for a, b in zip(self.bounds, self.bounds[1:])):
-            raise ValueError(f"segment bounds must be >= 1 and strictly increasing: {self.bounds}")
-        if self.rates[-1] <= 0 or any(a < b for a, b in zip(self.rates, self.rates[1:])):
-            raise ValueError(f"segment rates must be > 0 and non-increasing: {self.rates}")
-
-    @property
-    def lengths(self) -> list[int]:
-        """delta_k: stages in segment k (o_1 + 1 for the first, which includes the prefill)."""
-        return [self.bounds[0] + 1] + [b - a for a, b in zip(self.bounds, self.bounds[1:])]
-
-    @property
-    def mean_stages(self) -> list[float]:
-        """s_bar_k: the mean stage of segment k (o_1/2, then (o_{k-1} + 1 + o_k)/2)."""
-        return [self.bounds[0] / 2] + [(a + 1 + b) / 2 for a, b in zip(self.bounds, self.bounds[1:])]
-
-    @property
-    def survival(self) -> list[float]:
-        """p_k = Lambda_k / Lambda_{k-1}: survival past boundary k-1 (p_1 = 1 by convention)."""
-        return [1.0] + [b / a for a, b in zip(self.rates, self.rates[1:])]
-
-
-def quantile_bounds(lengths: Sequence[int], num_bins: int) -> list[int]:
-    """Upper edges of `num_bins` empirical quantile bins of `lengths`, deduplicated (<= num_bins).
-
-    Edge k is the smallest length with at least k/num_bins of the sample at or below it, so every
-    bin holds at least one sample and the last edge is the maximum.
-    """
-    if num_bins < 1:
-        raise ValueError(f"need at least one bin, got {num_bins}")
-    data = sorted(lengths)
-    if not data:
-        raise ValueError("no lengths to bin")
-    n = len(data)
-    edges = (data[max(0, math.ceil(k * n / num_bins) - 1)] for k in range(1, num_bins + 1))
-    return sorted({int(e) for e in edges})
-
-
-def segments_from_types(output_lens: list[int], rates: list[float]) -> Segments:
-    """Segments at the distinct output lengths of known types (equal lengths merge)."""
-    if len(output_lens) != len(rates):
-        raise ValueError("need one rate per output length")
-    by_len: dict[int, float] = {}
-    for o, r in zip(output_lens, rates):
-        if r < 0:
-            raise ValueError(f"negative rate {r}")
-        if r > 0:  # a type that never arrives adds no segment
-            by_len[int(o)] = by_len.get(int(o), 0.0) + r
-    bounds = sorted(by_len)
-    if not bounds:
-        raise ValueError("no type has a positive rate")
-    rates_reaching = [sum(by_len[b] for b in bounds[k:]) for k in range(len(bounds))]
-    return Segments(bounds, rates_reaching)
-
-
-def segments_from_lengths(lengths: Sequence[int], rate: float, num_segments: int) -> Segments:
-    """Segments at the L quantile bins of an output-length sample (PAPER.md section 4, L ~ 10)."""
-    if not rate > 0:
-        raise ValueError(f"rate must be > 0, got {rate}")
-    data = sorted(max(1, int(x)) for x in lengths)  # a 0-token answer still had a prefill token
-    bounds = quantile_bounds(data, num_segments)
-    n = len(data)
-    rates, i = [rate], 0
-    for b in bounds[:-1]:  # Lambda_{k+1} = rate * P(o > o_k)
-        while i < n and data[i] <= b:
-            i += 1
-        rates.append(rate * (n - i) / n)
-    return Segments(bounds, rates)
-
-
-def _decay_ratios(seg: Segments, margin: float = 0.05) -> list[float]:
-    """n_k / n_{k-1} = min(p_k + margin, 0.99) for k >= 2 (the paper's q, indexed so that
-    p_k < ratio < 1 as section 4 requires; halfway to 1 where p_k >= 0.99)."""
-    ratios = []
-    for p in seg.survival[1:]:
-        q = min(p + margin, 0.99)
-        ratios.append(q if q > p else (1 + p) / 2)
-    return ratios
-
-
-def _geometric(seg: Segments, n1: float, margin: float = 0.05) -> list[float]:
-    out = [n1]
-    for q in _decay_ratios(seg, margin):
-        out.append(out[-1] * q)
-    return out
-
-
-def nested_thresholds_from_budget(seg: Segments, budget: float) -> list[float]:
-    """PAPER.md section 4's practical thresholds: geometric decay with sum_k delta_k n_k = B.
-
-    n_1 is floored at 1 (then the sum exceeds a budget too small for one request per stage).
-    """
-    if budget <= 0:
-        raise ValueError(f"budget must be > 0, got {budget}")
-    shape = _geometric(seg, 1.0)
-    n1 = max(1.0, budget / sum(d * r for d, r in zip(seg.lengths, shape)))
-    return [n1 * r for r in shape]
-
-
-def _segment_costs(seg: Segments, prompt_len: float, cost: CostModel, model: str) -> list[float]:
-    """Seconds one request per stage of segment k adds to a batch (the c_k of section 4)."""
-    out = []
-    prev = -1
-    for b in seg.bounds:
-        first, last = prev + 1, b  # stages first..last
-        if model == "paper":
-            out.append(cost.d_kv * _sum_kv(prompt_len, first, last))
-        else:
-            decode_first = max(first, 1)
-            new = (prompt_len if first == 0 else 0) + (last - decode_first + 1)
-            out.append(cost.d_tok * new + cost.d_kv * _sum_kv(prompt_len, decode_first, last))
-        prev = b
-    return out
-
-
-def _sum_kv(prompt_len: float, first: int, last: int) -> float:
-    """sum_{s=first..last} (l + s): KV tokens of one request per stage over stages first..last."""
-    count = last - first + 1
-    return count * (prompt_len + (first + last) / 2) if count > 0 else 0.0
-
-
-def nested_thresholds_fluid(seg: Segments, prompt_len: float, cost: CostModel,
-                            slack: float = 0.1, model: str = "ours") -> list[float]:
-    """Nested WAIT thresholds from the fluid model: n_1 just above Lambda_1 dT*, geometric decay.
-
-    n_1 is (1 + slack) times the smallest n_1 meeting section 4's condition
-    d0 + sum_k n_k c_k < n_1 / Lambda_1 (which is Lambda_1 dT* when the ratios equal p_k), then
-    everything is capped so the base memory M^pi <= C. A FluidWarning says when the condition
-    cannot hold (unstable load, or C too small).
-    """
-    _check_model(cost, model)
-    costs = _segment_costs(seg, prompt_len, cost, model)
-    lam1 = seg.rates[0]
-    n = None
-    # A smaller decay margin keeps heavy but stable loads feasible (ratios closer to p_k).
-    for margin in (0.05, 0.02, 0.01, 0.005, 0.001):
-        shape = _geometric(seg, 1.0, margin)
-        denom = 1 - lam1 * sum(r * c for r, c in zip(shape, costs))
-        if denom > 0:
-            n = [max(1.0, (1 + slack) * lam1 * cost.d0 / denom) * r for r in shape]
-            break
-    capacity = cost.kv_capacity_tokens
-    if n is None:
-        warnings.warn(f"nested thresholds: at rate {lam1:g}/s no geometric thresholds meet the "
-                      "section 4 condition (each request counted to its segment's end); "
-                      "using the largest that fit C", FluidWarning,
-                      stacklevel=2)
-        shape = _geometric(seg, 1.0)
-        return [capacity / nested_base_memory(seg, shape, prompt_len) * r for r in shape]
-    memory = nested_base_memory(seg, n, prompt_len)
-    if memory > capacity:
-        warnings.warn(f"nested thresholds need M^pi = {memory:,.0f} tokens > C = {capacity:,}; "
-                      "scaled down to fit C, so the section 4 condition does not hold",
-                      FluidWarning, stacklevel=2)
-        n = [k * capacity / memory for k in n]
-    return n
-
-
-def nested_base_memory(seg: Segments, thresholds: Sequence[float], prompt_len: float) -> float:
-    """M^pi = sum_k n_k (l + s_bar_k) delta_k (PAPER.md section 4)."""
-    return sum(n * (prompt_len + s) * d
-               for n, s, d in zip(thresholds, seg.mean_stages, seg.lengths))
-
-
-def _theta(p: float, n_prev: float, n_k: float) -> float:
-    """The positive root of -theta n_k + n_prev ln(1 - p + p e^theta) = 0, by bisection."""
-
-    def f(theta: float) -> float:
-        # ln(1 - p + p e^theta), written to neither overflow nor lose precision near 0.
-        log_mgf = (math.log1p(p * math.expm1(theta)) if theta < 30
-                   else theta + math.log(p + (1 - p) * math.exp(-theta)))
-        return -theta * n_k + n_prev * log_mgf
-
-    lo, hi = 0.0, 1.0
-    while f(hi) < 0:  # f < 0 just above 0 (n_k > p n_prev), convex, -> +inf (n_prev > n_k)
-        lo, hi = hi, hi * 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if f(mid) < 0:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    return hi
-
-
-def nested_safety_buffer(seg: Segments, thresholds: Sequence[float], prompt_len: float,
-                         horizon_s: float, d0: float, delta: float = 0.05) -> float:
-    """KV tokens to keep above M^pi so survivors' binomial swings overflow w.p. <= delta.
-
-    PAPER.md section 4: sum_{k>=2} (l + o_{k-1}) (n_k + ln(m (1 + T/d0) / delta) / theta_k), with
-    T/d0 the number of iterations in the horizon. Needs p_k < n_k / n_{k-1} < 1 for every k >= 2.
-    """
-    if len(thresholds) != len(seg.bounds):
-        raise ValueError("need one threshold per segment")
-    if horizon_s <= 0 or d0 <= 0 or not 0 < delta < 1:
-        raise ValueError("need horizon_s > 0, d0 > 0 and 0 < delta < 1")
-    m = len(seg.bounds)
-    log_term = math.log(m * (1 + horizon_s / d0) / delta)
-    buffer = 0.0
-    for k in range(1, m):
-        p, n_prev, n_k = seg.survival[k], thresholds[k - 1], thresholds[k]
-        if not p * n_prev < n_k < n_prev:
-            raise ValueError(f"segment {k + 1}: need p_k < n_k/n_(k-1) < 1, got p_k = {p:.3f}, "
-                             f"ratio {n_k / n_prev:.3f}")
-        buffer += (prompt_len + seg.bounds[k - 1]) * (n_k + log_term / _theta(p, n_prev, n_k))
-    return buffer
-
-
-def geometric_thresholds(seg: Segments, n1: float) -> list[float]:
-    """n_1, then n_k = n_{k-1} * min(p_k + 0.05, 0.99): the paper's practical decay (section 4)."""
-    return _geometric(seg, n1)
 
 
 def types_from_sample(lengths: Sequence[int], rate: float, prompt_len: float) -> list[JobType]:

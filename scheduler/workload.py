@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.fluid import JobType, quantile_bounds
+from scheduler.fluid import JobType
+from scheduler.segments import quantile_bounds
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# 2,000 rows of the LMSYS trace sampled with a fixed seed (see data/README.md), shipped so the
-# project runs without ../shared.
-DEFAULT_TRACE = Path(__file__).resolve().parent / "data" / "lmsys_sample.csv"
+# Traces shipped in the repo (data/README.md says where each comes from and how it was drawn).
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_TRACE = DATA_DIR / "lmsys_sample.csv"  # 2,000 LMSYS rows: small and fast
+LMSYS_TRACE = DATA_DIR / "lmsys_chat_1m_in200_out500.csv"  # the paper's 20,000 LMSYS rows
+AZURE_TRACE = DATA_DIR / "azure_conv_sample.csv"  # 5,000 Azure conversation rows, real arrivals
 
 PROMPT_COL, OUTPUT_COL, TIME_COL = "num_prefill_tokens", "num_decode_tokens", "arrived_at"
 _INT = re.compile(r"\d+")
@@ -28,14 +30,6 @@ _INT = re.compile(r"\d+")
 
 class WorkloadError(ValueError):
     """A malformed workload spec or trace; the message is one line and says where."""
-
-
-def shared_trace(name: str) -> Path:
-    """The path of ../shared/traces/<name> relative to the repo root (WorkloadError if absent)."""
-    path = REPO_ROOT.parent / "shared" / "traces" / name
-    if not path.is_file():
-        raise WorkloadError(f"shared trace not found: {path}")
-    return path
 
 
 # --- synthetic types ----------------------------------------------------------------------------

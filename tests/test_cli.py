@@ -28,11 +28,34 @@ def test_simulate_json_has_the_documented_keys_and_is_deterministic():
     keys = {"policy", "submitted", "completed", "rejected", "evictions", "throughput_tok_s",
             "fluid_throughput_tok_s", "latency_mean_s", "latency_p50_s", "latency_p90_s",
             "latency_p99_s", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
-            "tpot_mean_s", "peak_kv_tokens", "kv_capacity_tokens", "sim_wall_s"}
+            "tpot_mean_s", "tpot_p50_s", "tpot_p99_s", "goodput_rps", "goodput_chat_rps",
+            "peak_kv_tokens", "kv_capacity_tokens", "sim_wall_s"}
     assert keys <= a.keys()
     assert a["completed"] == a["submitted"] == 300
     a.pop("sim_wall_s"), b.pop("sim_wall_s")
     assert a == b
+
+
+def test_simulate_vllm_v1_with_a_smaller_cache():
+    out = cli("simulate", "--policy", "vllm-v1", "--types", "512:200", "--rate", "7",
+              "--num-requests", "200", "--kv-capacity", "30000", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout.splitlines()[-1])
+    assert data["kv_capacity_tokens"] == 30000 and data["completed"] == 200
+    assert data["peak_kv_tokens"] <= 30000
+    assert 0 < data["goodput_rps"] <= 7 * 1.5
+
+
+def test_fluid_reports_both_limits_for_a_trace():
+    out = cli("fluid", "--trace", "scheduler/data/lmsys_sample.csv", "--rate", "40",
+              "--kv-capacity", "30000", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout.splitlines()[-1])
+    # LMSYS at C = 30k: memory binds first (M* = C near 38 req/s, load = 1 near 51 req/s).
+    assert 30 < data["memory_limit_rps"] < data["load_limit_rps"] < 60
+    assert data["fits"] is False and "M* <= C up to" in data["message"]
+    table = cli("fluid", "--trace", "scheduler/data/lmsys_sample.csv", "--rate", "40")
+    assert "in all over" in table.stdout  # hundreds of types summed, not listed
 
 
 def test_fluid_json():
@@ -64,6 +87,8 @@ BAD = {
     "unknown policy arg": ("simulate", "--types", "512:20", "--rate", "5", "--policy-args",
                            '{"bugdet": 3}'),
     "unknown preset": ("simulate", "--types", "512:20", "--rate", "5", "--preset", "h100"),
+    "tiny cache": ("simulate", "--types", "512:20", "--rate", "5", "--kv-capacity", "8"),
+    "fluid both sources": ("fluid", "--types", "512:20", "--trace", "x.csv", "--rate", "3"),
 }
 
 
@@ -76,5 +101,5 @@ def test_bad_input_exits_nonzero_with_one_line(case, bad_trace):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     # argparse prints its usage line before the one-line error; the error is the last line.
     assert lines and "error" in lines[-1], out.stderr
-    if not case.startswith(("unknown policy", "negative rate", "fluid negative")):
+    if not case.startswith(("unknown policy", "negative rate", "fluid negative", "fluid both")):
         assert len(lines) == 1, out.stderr

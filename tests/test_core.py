@@ -37,7 +37,8 @@ def small_cost(num_blocks: int) -> CostModel:
 
 def make_core(policy_name: str, arrivals: list[Arrival], num_blocks: int, **params) -> SchedulerCore:
     cost = small_cost(num_blocks)
-    config = PolicyConfig(max_num_seqs=params.pop("max_num_seqs", 256))
+    config = PolicyConfig(max_num_seqs=params.pop("max_num_seqs", 256),
+                          max_num_batched_tokens=params.pop("max_num_batched_tokens", 2048))
     policy = make_policy(policy_name, config, cost=cost, hint=workload_hint(arrivals), **params)
     return SchedulerCore(policy, num_blocks=num_blocks, block_size=BLOCK)
 
@@ -261,3 +262,17 @@ def test_planning_does_not_scan_the_waiting_queue(policy):
         # bound is a batch's worth, far below the queue length.
         assert looked[waiting] <= 4 * 64, "plan() scanned the queue"
     assert looked[1_000] == looked[10_000]
+
+
+NESTED_VARIANTS = [{"mode": "paper"}, {"eviction": "pause"}, {"admission_cap": True},
+                   {"kv_admission": False}, {"low_load_bypass": False}, {"z": 0.0}]
+
+
+@pytest.mark.parametrize("variant", NESTED_VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(w=workloads())
+def test_every_nested_wait_variant_completes_and_kv_fits(variant, w):
+    arrivals, num_blocks = w
+    core = make_core("nested-wait", arrivals, num_blocks, **variant)
+    check_all_done(arrivals, drive(core, arrivals))
+    assert core.workers[0].pool.num_used_blocks == 0

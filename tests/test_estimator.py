@@ -1,4 +1,4 @@
-"""Online rate and length estimators (PAPER.md section 5, unknown rates)."""
+"""Online rate and length estimators (scheduler/SCHEDULING.md §5, unknown rates)."""
 from __future__ import annotations
 
 import random

@@ -1,34 +1,40 @@
-"""The fluid benchmark and thresholds against hand-computed values (PAPER.md sections 2-4)."""
+"""The fluid benchmark and thresholds against hand-computed values (scheduler/SCHEDULING.md §2-4)."""
 from __future__ import annotations
 
 import itertools
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from scheduler.cost import CostModel, preset
 from scheduler.fluid import (
     FluidWarning,
     JobType,
-    Segments,
-    nested_base_memory,
-    nested_safety_buffer,
-    nested_thresholds_fluid,
-    nested_thresholds_from_budget,
-    quantile_bounds,
-    segments_from_lengths,
-    segments_from_types,
+    rate_limits,
     solve,
     wait_thresholds,
     wait_thresholds_from_budget,
+)
+from scheduler.segments import (
+    Segments,
+    nested_safety_buffer,
+    nested_thresholds_from_budget,
+    paper_thresholds,
+    quantile_bounds,
+    satisfies_conditions,
+    segments_from_lengths,
+    segments_from_types,
 )
 
 A100 = preset("a100-llama2-7b")  # d0 = 8 ms, d_tok = 7e-5 s, d_kv = 3e-7 s, C = 137,000
 
 
 def hand_ours(l: int, o: int, lam: float, c: CostModel) -> tuple[float, float, float, float]:
-    """PAPER.md section 2, our cost model, written out for one type."""
+    """scheduler/SCHEDULING.md §2, our cost model, written out for one type."""
     load = lam * (c.d_tok * (l + o) + c.d_kv * o * (l + (o + 1) / 2))
     dt = c.d0 / (1 - load)
     n = lam * dt
@@ -189,11 +195,12 @@ def test_nested_budget_thresholds_decrease_and_sum_to_budget():
     assert nested_thresholds_from_budget(seg, 5.0)[0] == 1.0
 
 
-def test_nested_fluid_thresholds_meet_section4_conditions():
+def test_paper_thresholds_meet_section4_conditions():
     # 70% p512d20 + 30% p512d50 at 22 req/s (the paper's mixed experiment).
     seg = segments_from_types([20, 50], [15.4, 6.6])
-    n = nested_thresholds_fluid(seg, 512, A100)
-    assert n[0] > n[1] and n[0] >= 1
+    t = paper_thresholds(seg, 512, A100)
+    n = t.values
+    assert t.conditions_hold and n[0] > n[1]
     assert n[0] > seg.rates[0] * solve([JobType(512, 20, 15.4), JobType(512, 50, 6.6)],
                                        A100).iteration_time_s
     assert seg.survival[1] < n[1] / n[0] < 1
@@ -201,18 +208,73 @@ def test_nested_fluid_thresholds_meet_section4_conditions():
     seg1 = A100.d_tok * (512 + 20) + A100.d_kv * 20 * (512 + 21 / 2)
     seg2 = A100.d_tok * 30 + A100.d_kv * 30 * (512 + (21 + 50) / 2)
     assert A100.d0 + n[0] * seg1 + n[1] * seg2 < n[0] / seg.rates[0]
-    memory = nested_base_memory(seg, n, 512)
-    assert memory == pytest.approx(n[0] * 21 * (512 + 10) + n[1] * 30 * (512 + 35.5))
-    assert memory <= A100.kv_capacity_tokens
+    assert t.base_memory == pytest.approx(n[0] * 21 * (512 + 10) + n[1] * 30 * (512 + 35.5))
+    assert t.buffer == pytest.approx(nested_safety_buffer(seg, n, 512, 3600, A100.d0))
+    assert t.memory <= A100.kv_capacity_tokens
 
 
-def test_nested_fluid_thresholds_capped_by_memory():
-    small = CostModel(d0=8e-3, d_tok=7e-5, d_kv=3e-7, kv_capacity_tokens=20_000)
+def test_paper_thresholds_scaled_to_fit_c_say_why():
+    small = replace(A100, kv_capacity_tokens=20_000)
     seg = segments_from_types([20, 50], [16.1, 6.9])
-    with pytest.warns(FluidWarning):
-        n = nested_thresholds_fluid(seg, 512, small)
-    assert nested_base_memory(seg, n, 512) == pytest.approx(20_000)
-    assert n[0] > n[1]
+    with pytest.warns(FluidWarning, match="exceeds C"):
+        t = paper_thresholds(seg, 512, small)
+    assert not t.conditions_hold and "exceeds C" in t.note
+    assert t.memory == pytest.approx(20_000, rel=1e-6)
+    assert t.values[0] > t.values[1]
+
+
+def test_paper_thresholds_can_be_fractional_and_are_not_floored():
+    # p512d200 at 30k tokens: n_1 well below one request per stage (M^pi must fit C).
+    seg = segments_from_types([200], [6.0])
+    t = paper_thresholds(seg, 512, replace(A100, kv_capacity_tokens=30_000))
+    assert 0 < t.values[0] < 1 and t.conditions_hold
+    assert t.memory <= 30_000
+
+
+@st.composite
+def threshold_cases(draw):
+    """Random segments (decreasing survivors), prompt length, load and KV capacity."""
+    m = draw(st.integers(1, 6))
+    bounds = sorted(draw(st.sets(st.integers(1, 800), min_size=m, max_size=m)))
+    rate = draw(st.floats(0.1, 60.0))
+    survival = draw(st.lists(st.floats(0.05, 0.98), min_size=m - 1, max_size=m - 1))
+    rates = [rate]
+    for p in survival:
+        rates.append(rates[-1] * p)
+    cost = replace(A100, kv_capacity_tokens=draw(st.integers(2_000, 400_000)))
+    return Segments(bounds, rates), draw(st.floats(1.0, 2000.0)), cost, draw(st.sampled_from([None, 50.0, 2000.0]))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=threshold_cases())
+def test_every_threshold_set_satisfies_the_conditions_or_says_so(case):
+    """Whatever the load and C: thresholds decrease with p_k < n_k / n_(k-1) < 1, never need
+    more than C (base memory plus buffer), and when they claim the conditions hold, (1) and (2)
+    hold as checked directly."""
+    seg, prompt, cost, budget = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FluidWarning)
+        t = paper_thresholds(seg, prompt, cost, budget=budget)
+    n = t.values
+    assert all(x >= 0 for x in n)
+    for p, a, b in zip(seg.survival[1:], n, n[1:]):
+        assert p * a <= b <= a
+    assert t.memory <= cost.kv_capacity_tokens * (1 + 1e-9)
+    if t.conditions_hold:
+        assert satisfies_conditions(seg, n, prompt, cost)
+    else:
+        assert t.note
+
+
+def test_rate_limits_match_solve():
+    types = [JobType(512, 20, 0.7), JobType(512, 50, 0.3)]
+    limits = rate_limits(types, A100)
+    scaled = [replace(t, rate=t.rate * limits.load * 0.999) for t in types]
+    assert solve(scaled, A100).stable
+    assert not solve([replace(t, rate=t.rate * limits.load * 1.001) for t in types], A100).stable
+    at_memory = [replace(t, rate=t.rate * limits.memory) for t in types]
+    assert solve(at_memory, A100).memory_tokens == pytest.approx(A100.kv_capacity_tokens)
+    assert limits.tighter == min(limits.load, limits.memory)
 
 
 def test_safety_buffer_positive_finite_and_grows_with_horizon():
@@ -227,10 +289,10 @@ def test_safety_buffer_positive_finite_and_grows_with_horizon():
 
 
 def test_theta_solves_its_equation():
-    from scheduler.fluid import _theta
+    from scheduler.segments import _theta
 
     p, n_prev, n_k = 0.3, 3.0, 1.2
-    theta = _theta(p, n_prev, n_k)
+    theta = _theta(p, n_k / n_prev)
     assert theta > 0
     assert math.exp(-theta * n_k) * (1 - p + p * math.exp(theta)) ** n_prev == pytest.approx(1.0)
 
@@ -239,4 +301,4 @@ def test_no_warning_in_the_normal_case():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         wait_thresholds([JobType(512, 20, 22.0)], A100)
-        nested_thresholds_fluid(segments_from_types([20, 50], [15.4, 6.6]), 512, A100)
+        paper_thresholds(segments_from_types([20, 50], [15.4, 6.6]), 512, A100)

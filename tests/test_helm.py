@@ -1,6 +1,6 @@
 """The Helm chart in helm/fluidserve, rendered and linted by the real Helm engine (helm-python-sdk).
 
-Each rendered RayService is checked against KubeRay's CRD schema (../shared/k8s) and its
+Each rendered RayService is checked against KubeRay's CRD schema (tests/data, KubeRay 1.7) and its
 serveConfigV2 against Ray Serve's own ServeDeploySchema.
 """
 
@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).parents[1]
-SHARED = REPO.parent / "shared"
 CHART = REPO / "helm" / "fluidserve"
-CRD_FILE = SHARED / "k8s" / "ray.io_rayservices.yaml"
+# The RayService v1 openAPIV3Schema of KubeRay 1.7 (the file says where it comes from).
+CRD_SCHEMA = REPO / "tests" / "data" / "kuberay-1.7_rayservice_v1_openapi.yaml"
 VALUES_FILES = sorted(CHART.glob("values-*.yaml"))
 CASES = ["default"] + [p.name for p in VALUES_FILES]
 
@@ -31,7 +31,8 @@ ARGS_KEYS = {
     "policy_args",
     "num_model_actors",
     "model_actor_resources",
-    "kv_cache_memory_fraction",
+    "gpu_memory_utilization",
+    "enforce_eager",
     "kv_cache_tokens",
     "block_size",
     "max_num_seqs",
@@ -115,14 +116,8 @@ def closed(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def crd_validator() -> jsonschema.Draft7Validator:
-    if not CRD_FILE.is_file():
-        pytest.fail(
-            f"RayService CRD not found at {CRD_FILE}: the shared/ directory must sit beside the "
-            "repository (CI clones it there)."
-        )
-    crd = yaml.safe_load(CRD_FILE.read_text())
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return jsonschema.Draft7Validator(closed(v1["schema"]["openAPIV3Schema"]))
+    schema = yaml.safe_load(CRD_SCHEMA.read_text())
+    return jsonschema.Draft7Validator(closed(schema))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -191,7 +186,8 @@ def test_gpu_workers_get_one_model_actor_per_gpu() -> None:
     args = serve_config(rayservice)["applications"][0]["args"]
     assert args["num_model_actors"] == 4
     assert args["model_actor_resources"]["num_gpus"] == 1
-    assert args["model"] == "meta-llama/Llama-2-7b-hf"
+    assert args["model"] == "meta-llama/Llama-2-7b-chat-hf"  # ships a chat template
+    assert args["gpu_memory_utilization"] == 0.9 and args["enforce_eager"] is False
 
 
 def test_cpu_trial_requests_no_gpu() -> None:
@@ -248,6 +244,32 @@ def test_secrets_come_from_secret_references() -> None:
         }
 
 
+def test_hub_token_reaches_every_replica_by_reference() -> None:
+    """The A100 values pass HF_TOKEN to the app's runtime_env as "${HF_TOKEN}", which Ray
+    expands from each pod's env (the Secret): ingress, scheduler and, by inheritance, the
+    model actors get it, and the token never enters the Serve config."""
+    rayservice = one(render(case_values("values-a100.yaml")), "RayService")
+    (app,) = serve_config(rayservice)["applications"]
+    assert app["runtime_env"] == {"env_vars": {"HF_TOKEN": "${HF_TOKEN}"}}
+    (default_app,) = serve_config(one(render(), "RayService"))["applications"]
+    assert default_app["runtime_env"] == {}  # no hub token secret: nothing to pass
+
+
+def test_deploy_configs_build_app_args_and_pass_the_hub_token() -> None:
+    from deploy.app import AppArgs
+
+    for path in sorted((REPO / "deploy" / "configs").glob("*.yaml")):
+        (app,) = yaml.safe_load(path.read_text())["applications"]
+        args = AppArgs.from_dict(app["args"])
+        assert 0 < args.gpu_memory_utilization <= 1 and args.kv_cache_memory_fraction is None
+    (a100,) = yaml.safe_load((REPO / "deploy" / "configs" / "llama2-7b-4xa100.yaml")
+                             .read_text())["applications"]
+    assert a100["runtime_env"]["env_vars"] == {"HF_TOKEN": "${HF_TOKEN}"}
+    assert a100["args"]["model"] == "meta-llama/Llama-2-7b-chat-hf"
+    # The old name is still accepted (the model actor warns and uses it as the new one).
+    assert AppArgs.from_dict({"kv_cache_memory_fraction": 0.8}).kv_cache_memory_fraction == 0.8
+
+
 def test_service_reaches_the_serve_proxies() -> None:
     objects = render()
     service = one(objects, "Service")
@@ -268,7 +290,8 @@ BAD_VALUES = [
         "at '/policy/name': value must be one of 'nested-wait', 'wait', 'vllm', 'sarathi'",
     ),
     ({"workers": {"gpus": -2}}, "/workers/gpus"),
-    ({"kvCache": {"memoryFraction": 1.5}}, "/kvCache/memoryFraction"),
+    ({"kvCache": {"gpuMemoryUtilization": 1.5}}, "/kvCache/gpuMemoryUtilization"),
+    ({"model": {"id": "x", "enforceEager": "yes"}}, "/model/enforceEager"),
     ({"workers": {"replicaz": 2}}, "replicaz"),
 ]
 

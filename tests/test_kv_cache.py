@@ -95,3 +95,51 @@ def test_block_pool_plans_validate_and_write_only_their_slots(reqs, rnd) -> None
     kv.write(0, torch.ones(len(slots), 2, 4), torch.ones(len(slots), 2, 4), slots)
     written = kv.k[0].reshape(-1, 2, 4).abs().sum(dim=(1, 2)).nonzero().flatten()
     assert sorted(written.tolist()) == sorted(slots.tolist())
+
+
+GIB = 1024**3
+
+
+def test_gpu_budget_is_a_fraction_of_total_memory_like_vllm() -> None:
+    from kv.memory import KVBudget, MemorySnapshot, kv_cache_bytes
+
+    # 80 GiB card, 0.9: 72 GiB for this actor; 14 GiB weights + peak step, 1 GiB outside torch.
+    assert kv_cache_bytes(80 * GIB, 0.9, 14 * GIB, 1 * GIB, free=64 * GIB) == 57 * GIB
+    # Another process holds memory: never more than is free.
+    assert kv_cache_bytes(80 * GIB, 0.9, 14 * GIB, 1 * GIB, free=30 * GIB) == 30 * GIB
+    assert kv_cache_bytes(80 * GIB, 0.1, 14 * GIB, 0, free=60 * GIB) == 0
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        kv_cache_bytes(80 * GIB, 1.5, 0, 0, free=80 * GIB)
+    # Only what this actor added outside torch since the first snapshot counts.
+    before = MemorySnapshot(total=80 * GIB, free=79 * GIB, torch_reserved=0)  # 1 GiB: others
+    after = MemorySnapshot(total=80 * GIB, free=63 * GIB, torch_reserved=15 * GIB)
+    budget = KVBudget.measure(before, after, torch_peak=14 * GIB, utilization=0.9)
+    assert budget.non_torch == 1 * GIB and budget.kv_bytes == 57 * GIB
+    assert "KV cache 57.00 GiB" in budget.describe()
+
+
+def test_peak_step_plan_fills_the_token_budget() -> None:
+    from actors.model.profiling import peak_step_plan
+
+    plan = peak_step_plan(max_tokens=4096, max_seqs=256, block_size=16, max_model_len=4096)
+    assert len(plan.chunks) == 256 and plan.num_new_tokens == 4096
+    assert all(c.sample and c.start_pos == 0 and c.block_table == [0] for c in plan.chunks)
+    long = peak_step_plan(max_tokens=10_000, max_seqs=1, block_size=16, max_model_len=4096)
+    assert [c.num_tokens for c in long.chunks] == [3334, 3333, 3333]  # no chunk past the model
+    c = long.chunks[0]
+    assert c.slot_mapping == list(range(3334)) and len(c.block_table) == 209
+
+
+def test_peak_step_runs_on_a_scratch_cache() -> None:
+    from actors.model.attention import SdpaBackend
+    from actors.model.llama import LlamaModel
+    from actors.model.loader import load_model
+    from actors.model.profiling import peak_step_plan, run_peak_step
+
+    loaded, _ = load_model("random:tiny", "cpu", "float32")
+    model = LlamaModel(loaded)
+    plan = peak_step_plan(max_tokens=64, max_seqs=4, block_size=16, max_model_len=2048)
+    scratch = run_peak_step(model, SdpaBackend(), plan)
+    c = model.config
+    assert scratch == KVShape(c.num_layers, c.num_kv_heads, c.head_dim).bytes_per_block(
+        16, torch.float32)  # 4 sequences of 16 tokens share one block

@@ -216,11 +216,11 @@ BAD_COMPLETIONS: list[tuple[Any, int, str | None]] = [
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     ({"prompt": "hi", "top_k": -2}, 400, "top_k"),
-    ({"prompt": "hi", "seed": -1}, 400, "seed"),
+    ({"prompt": "hi", "seed": 2**63}, 400, "seed"),  # int64, like OpenAI
     ({"prompt": "hi", "n": 2}, 400, "n"),
     ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
     ({"prompt": "hi", "echo": True}, 400, "echo"),
-    ({"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "hi", "logit_bias": {"1": 2.0}}, 400, "logit_bias"),
     ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"prompt": "hi", "suffix": "x"}, 400, "suffix"),
@@ -249,7 +249,7 @@ BAD_CHATS: list[tuple[Any, int, str | None]] = [
     ({"messages": CHAT, "temperature": -1}, 400, "temperature"),
     ({"messages": CHAT, "top_p": 1.01}, 400, "top_p"),
     ({"messages": CHAT, "n": 3}, 400, "n"),
-    ({"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),  # needs logprobs: true
     ({"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ({"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"messages": CHAT, "model": "nope"}, 404, "model"),

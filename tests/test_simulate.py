@@ -22,9 +22,11 @@ def run(policy: str, rate: float, types: str = "512:20", n: int = 2000, seed: in
 
 @pytest.mark.parametrize("rate", [22.0, 23.0])
 def test_paper_ordering_p512d20(rate):
-    """PAPER.md section 6: mean latency WAIT < Sarathi < vLLM near the transition."""
-    lat = {p: run(p, rate)["latency_mean_s"] for p in ("wait", "sarathi", "vllm")}
-    assert lat["wait"] < lat["sarathi"] < lat["vllm"], lat
+    """scheduler/SCHEDULING.md §7: mean latency WAIT and Nested WAIT (both modes) < Sarathi-512
+    < vLLM near the transition."""
+    lat = {p: run(p, rate)["latency_mean_s"] for p in ("wait", "nested-wait", "sarathi", "vllm")}
+    lat["nested-wait-paper"] = run("nested-wait", rate, mode="paper")["latency_mean_s"]
+    assert max(lat["wait"], lat["nested-wait"], lat["nested-wait-paper"]) < lat["sarathi"] < lat["vllm"], lat
 
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
@@ -57,3 +59,34 @@ def test_trace_runs_to_completion(policy):
     out = run_policy(policy, arrivals, COST)
     assert out["completed"] == 600 and out["rejected"] == 0
     assert out["peak_kv_tokens"] <= out["kv_capacity_tokens"]
+
+
+def test_no_policy_sees_the_output_length_as_max_tokens():
+    """max_tokens is the workload's longest output for every request (a client's one cap), so
+    only the EOS at its true length ends a request early: nothing leaks its length."""
+    from scheduler.core import SchedulerCore
+    from scheduler.policies import make_policy
+    from scheduler.simulate import simulate
+
+    seen = []
+
+    class Spy(SchedulerCore):
+        def submit(self, req, now):
+            seen.append((req.max_tokens, req.output_len))
+            super().submit(req, now)
+
+    arrivals = build_workload("64:10,64:50", None, 5.0, 40, 0)
+    import scheduler.simulate as sim
+    original, sim.SchedulerCore = sim.SchedulerCore, Spy
+    try:
+        out = simulate(arrivals, make_policy("vllm-v1"), COST)
+    finally:
+        sim.SchedulerCore = original
+    assert out["completed"] == 40
+    assert {m for m, _ in seen} == {50} and {o for _, o in seen} == {10, 50}
+
+
+def test_goodput_counts_requests_meeting_both_objectives():
+    out = run("vllm-v1", 10.0, n=300)
+    assert 0 < out["goodput_chat_rps"] <= out["goodput_rps"] <= 10.0 * 1.2
+    assert out["tpot_p50_s"] <= out["tpot_p99_s"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import statistics
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scheduler.workload import (
+    AZURE_TRACE,
     DEFAULT_TRACE,
+    LMSYS_TRACE,
     Arrival,
     TraceRow,
     TypeSpec,
@@ -19,7 +22,6 @@ from scheduler.workload import (
     parse_types,
     poisson_arrivals,
     read_trace,
-    shared_trace,
     synthetic_workload,
     trace_workload,
 )
@@ -73,7 +75,7 @@ def test_parse_types_never_fails_other_than_workload_error(spec):
 
 
 def test_reads_lmsys_trace():
-    rows = read_trace(shared_trace("lmsys_chat_1m_in200_out500.csv"))  # fails if ../shared lacks it
+    rows = read_trace(LMSYS_TRACE)
     assert len(rows) == 20_000
     assert all(r.arrived_at is None for r in rows)
     assert min(r.prompt_len for r in rows) == 1 and min(r.output_len for r in rows) == 1  # 0 -> 1
@@ -82,22 +84,20 @@ def test_reads_lmsys_trace():
 
 
 def test_reads_azure_trace_with_arrivals():
-    rows = read_trace(shared_trace("azure_conv_2023.csv"))  # column order differs: time first
-    assert len(rows) == 19_366
+    rows = read_trace(AZURE_TRACE)  # column order differs: time first
+    assert len(rows) == 5_000
     assert rows[0] == TraceRow(374, 44, 0.0)
-    assert all(r.arrived_at is not None for r in rows)
-    assert statistics.mean(r.prompt_len for r in rows) == pytest.approx(1155, abs=1)
+    times = [r.arrived_at for r in rows]
+    assert times == sorted(times) and times[-1] == pytest.approx(1023.3, abs=0.1)  # a real window
+    assert statistics.mean(r.prompt_len for r in rows) == pytest.approx(1161, abs=1)
 
 
-def test_shipped_sample_trace():
+def test_shipped_sample_trace_is_the_documented_draw():
     rows = read_trace(DEFAULT_TRACE)
-    assert len(rows) == 2000 and DEFAULT_TRACE.parent.name == "data"
-    assert 120 < statistics.mean(r.output_len for r in rows) < 175
-
-
-def test_shared_trace_missing_names_the_path():
-    with pytest.raises(WorkloadError, match="no_such_trace.csv"):
-        shared_trace("no_such_trace.csv")
+    assert len(rows) == 2000 and DEFAULT_TRACE.parent == LMSYS_TRACE.parent
+    full = read_trace(LMSYS_TRACE)
+    picked = sorted(random.Random(2025).sample(range(20_000), 2_000))  # as data/README.md says
+    assert rows == [full[i] for i in picked]
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -183,7 +183,7 @@ def test_trace_replay_uses_own_times_and_wraps():
     # The trace spans 3 s over 2 gaps; it restarts one mean gap (1.5 s) after its last arrival.
     assert arrivals == [Arrival(0.0, 10, 1), Arrival(1.0, 20, 2), Arrival(3.0, 30, 3),
                         Arrival(4.5, 10, 1), Arrival(5.5, 20, 2)]
-    azure = read_trace(shared_trace("azure_conv_2023.csv"))
+    azure = read_trace(AZURE_TRACE)
     replayed = trace_workload(azure, 100, seed=0, replay=True)
     assert [a.time for a in replayed] == [r.arrived_at for r in azure[:100]]
 

@@ -2,7 +2,10 @@
 
 A backend gets the new tokens' q/k/v of one layer (KV already written to the paged cache) and
 returns the attention output. `prepare` runs once per step and builds whatever index tensors
-all layers share. Backends: `sdpa` (torch, any device) here; `flash_attn` in flash_attention.py.
+all layers share. Backends: `sdpa` (torch, any device) here; `flash_attn` in flash_attention.py;
+`triton` (paged attention reading the blocks in place) in triton_attention.py. `make_backend`
+picks one for `attention: auto` from the device, its compute capability, the dtype and the
+block size (`auto_backend`).
 
 SDPA on CPU, the hot path of the default deployment:
   - a prefill chunk starting at position 0 attends only to its own tokens: causal SDPA on the
@@ -15,6 +18,8 @@ SDPA on CPU, the hot path of the default deployment:
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -190,10 +195,40 @@ def flash_attn_available(device: torch.device) -> bool:
     return True
 
 
-def make_backend(name: str, device: torch.device, block_size: int) -> AttentionBackend:
-    """`auto`: flash_attn where it imports on CUDA, else sdpa. Explicit names are honoured."""
+def triton_available(device: torch.device) -> bool:
+    """Triton kernels run on CUDA, and on CPU tensors only under its interpreter (tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+FLASH_PAGED_BLOCK_MULTIPLE = 256  # flash-attn reads a paged cache in place only at these sizes
+
+
+def auto_backend(device_type: str, capability: tuple[int, int], dtype: torch.dtype,
+                 block_size: int, have_flash: bool, have_triton: bool) -> str:
+    """What `attention: auto` runs. flash-attn 2 needs Ampere+ (8.0) and fp16/bf16, and reads
+    pages in place only at 256-multiple block sizes; Triton reads any block size in place
+    (we ask 8.0 too: Triton's supported GPUs, and bf16 tensor cores); SDPA runs anywhere."""
+    if device_type != "cuda":
+        return "sdpa"
+    ampere = capability >= (8, 0)
+    flash_ok = have_flash and ampere and dtype in (torch.float16, torch.bfloat16)
+    if flash_ok and block_size % FLASH_PAGED_BLOCK_MULTIPLE == 0:
+        return "flash_attn"
+    if have_triton and ampere:
+        return "triton"
+    return "flash_attn" if flash_ok else "sdpa"
+
+
+def make_backend(name: str, device: torch.device, block_size: int,
+                 dtype: torch.dtype = torch.float32) -> AttentionBackend:
+    """`auto`: see auto_backend (the GPU's compute capability and the dtype decide).
+    Explicit names are honoured where they can run, else a ValueError says why not."""
     if name == "auto":
-        name = "flash_attn" if flash_attn_available(device) else "sdpa"
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+        name = auto_backend(device.type, capability, dtype, block_size,
+                            flash_attn_available(device), triton_available(device))
     if name == "sdpa":
         return SdpaBackend()
     if name == "flash_attn":
@@ -202,4 +237,11 @@ def make_backend(name: str, device: torch.device, block_size: int) -> AttentionB
         from actors.model.flash_attention import FlashAttnBackend
 
         return FlashAttnBackend(block_size)
-    raise ValueError(f"unknown attention backend {name!r} (auto, sdpa, flash_attn)")
+    if name == "triton":
+        if not triton_available(device):
+            raise ValueError("attention='triton' needs the triton package and CUDA (on CPU only "
+                             "under TRITON_INTERPRET=1, Triton's interpreter, for tests)")
+        from actors.model.triton_attention import TritonAttnBackend
+
+        return TritonAttnBackend(device)
+    raise ValueError(f"unknown attention backend {name!r} (auto, sdpa, flash_attn, triton)")

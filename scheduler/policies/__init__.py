@@ -4,7 +4,7 @@ from __future__ import annotations
 from scheduler.cost import CostModel
 from scheduler.policies.base import Policy, PolicyConfig, WorkloadHint
 
-POLICY_NAMES = ("nested-wait", "wait", "vllm", "sarathi")
+POLICY_NAMES = ("nested-wait", "wait", "vllm", "vllm-v1", "sarathi")
 
 
 def make_policy(
@@ -18,6 +18,7 @@ def make_policy(
     from scheduler.policies.nested_wait import NestedWaitPolicy
     from scheduler.policies.sarathi import SarathiPolicy
     from scheduler.policies.vllm import VLLMPolicy
+    from scheduler.policies.vllm_v1 import VLLMV1Policy
     from scheduler.policies.wait import WaitPolicy
 
     config = config or PolicyConfig()
@@ -25,6 +26,7 @@ def make_policy(
         "nested-wait": lambda: NestedWaitPolicy(config, cost=cost, hint=hint, **params),
         "wait": lambda: WaitPolicy(config, cost=cost, hint=hint, **params),
         "vllm": lambda: VLLMPolicy(config, **params),
+        "vllm-v1": lambda: VLLMV1Policy(config, **params),
         "sarathi": lambda: SarathiPolicy(config, **params),
     }
     if name not in builders:

@@ -2,15 +2,13 @@
 
 Both policies hold work back until enough requests wait to fill a batch (their thresholds).
 That is what makes them throughput-optimal in heavy traffic, and what could stall a request
-forever at low load; the guard (PAPER.md section 5) runs a work-conserving batch once the
+forever at low load; the guard (scheduler/SCHEDULING.md §5) runs a work-conserving batch once the
 server has idled `max_idle_s` with work waiting. In heavy traffic thresholds are met, so the
 guard does not fire.
 
-The thresholds exist to keep the KV memory the batch needs within C. While the cache is mostly
-free (usage below `relax_below_kv_usage`), memory is not the constraint and pausing residents
-only adds latency: the policy then advances every resident decoder and still admits at most
-its prefill threshold of new requests per iteration (the fluid's arrivals per stage, which keeps
-prefills from swamping an iteration). At or above that usage the paper's rule applies as is.
+Both honour the engine's token budget: a prefill longer than what is left of
+`max_num_batched_tokens` is chunked and continues first thing in the next iteration (an
+admitted prefill always continues, whatever the gates say, so it never strands its KV).
 """
 from __future__ import annotations
 
@@ -32,7 +30,7 @@ class FluidSummary:
     stable: bool
     iteration_time_s: float
     per_stage_total: float  # Lambda_1 dT*: requests per stage entering segment 1
-    solution: "fluid.FluidSolution"
+    solution: fluid.FluidSolution
 
 
 class ThresholdPolicy(Policy):
@@ -48,7 +46,6 @@ class ThresholdPolicy(Policy):
         max_idle_s: float | None = None,
         refresh_s: float = 2.0,
         slack: float = 0.1,
-        relax_below_kv_usage: float = 0.9,
     ) -> None:
         super().__init__(config)
         self.cost = cost
@@ -58,9 +55,6 @@ class ThresholdPolicy(Policy):
         self._max_idle_s = max_idle_s
         self.refresh_s = refresh_s
         self.slack = slack
-        if not 0.0 <= relax_below_kv_usage <= 1.0:
-            raise ValueError(f"relax_below_kv_usage must be in [0, 1], got {relax_below_kv_usage}")
-        self.relax_below_kv_usage = relax_below_kv_usage  # 0: the paper's rule at every usage
         self.rates = RateEstimator()
         self.lengths = LengthEstimator(prior=prior_sample(self.hint))
         self._prompt_mean = float(self.hint.prompt_len or 0.0)
@@ -107,16 +101,12 @@ class ThresholdPolicy(Policy):
             return replace(self.cost, kv_capacity_tokens=self.kv_capacity_tokens)
         return self.cost
 
-    def fluid_solution(self, rate: float) -> "FluidSummary":
+    def fluid_solution(self, rate: float) -> FluidSummary:
         """The fluid equilibrium of the estimated load (exact over the length sample)."""
         types = fluid.types_from_sample(self.lengths.sample(), rate, self.prompt_len())
         solution = fluid.solve(types, self._cost())
         per_stage = sum(solution.per_stage) if solution.stable else float("inf")
         return FluidSummary(solution.stable, solution.iteration_time_s, per_stage, solution)
-
-    def relaxed(self, q: WorkerQueues) -> bool:
-        """Memory is not the constraint yet: advance every resident (see the module doc)."""
-        return q.pool.usage < self.relax_below_kv_usage
 
     # -- the guard -------------------------------------------------------------------------
     def wake_time(self, q: WorkerQueues) -> float:
@@ -154,16 +144,31 @@ def prior_sample(hint: WorkloadHint, size: int = 2000) -> list[int]:
     return sample
 
 
-def take_prefills(q: WorkerQueues, group: int | None, cap: int, batch: Batch) -> None:
-    """Append up to `cap` requests that wait for prefill (evicted first), whole prompts."""
+def continue_prefills(q: WorkerQueues, batch: Batch, budget: int) -> int:
+    """Append every unfinished (chunked) prefill, within `budget` new tokens; returns the rest."""
+    for req in q.prefilling.values():
+        if budget <= 0:
+            break
+        n = min(budget, req.prefill_target - req.num_computed_tokens)
+        batch.append((req, n))
+        budget -= n
+    return budget
+
+
+def take_prefills(q: WorkerQueues, group: int | None, cap: float, batch: Batch, budget: int) -> int:
+    """Append up to `cap` requests that wait for prefill (evicted first; a fractional cap admits
+    whole requests below it), chunked to `budget` new tokens; returns what is left of it."""
     taken = 0
     for req in q.waiting_in_order(group):
-        if taken >= cap:
-            return
+        if taken >= cap or budget <= 0:
+            break
         if group is not None and req.group != group:
             continue  # an evicted request of another type
-        batch.append((req, req.prefill_target))
+        n = min(budget, req.prefill_target)
+        batch.append((req, n))
+        budget -= n
         taken += 1
+    return budget
 
 
 def take_stage(bucket: dict[str, Request], cap: int, batch: Batch) -> None:

@@ -1,9 +1,10 @@
-"""WAIT (PAPER.md section 3): known output lengths, one threshold per request type.
+"""WAIT (scheduler/SCHEDULING.md §3): known output lengths, one threshold per request type.
 
 Type j is eligible when at least n_j type-j requests wait for prefill. An iteration serves every
-eligible type at every stage, at most n_j requests per stage; other types pause. Types come from
-the workload hint (the paper's known types); a live request's type is the one whose output
-length is nearest its own known length (or max_tokens).
+eligible type at every stage, at most n_j requests per stage; other types pause; with no type
+eligible the server idles (the starvation guard bounds that). Types come from the workload hint
+(the paper's known types); a live request's type is the one whose output length is nearest its
+own known length (or max_tokens). The paper's rule as is, within the engine's token budget.
 """
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from bisect import bisect_left
 
 from scheduler import fluid
 from scheduler.policies.base import Batch
-from scheduler.policies.threshold import ThresholdPolicy, cap_to_seqs, take_prefills, take_stage
+from scheduler.policies.threshold import (
+    ThresholdPolicy,
+    cap_to_seqs,
+    continue_prefills,
+    take_prefills,
+    take_stage,
+)
 from scheduler.queues import WorkerQueues
 from scheduler.request import Request
 
@@ -29,6 +36,10 @@ class WaitPolicy(ThresholdPolicy):
         self.output_lens = [o for o, _ in pairs]
         self.shares = [w for _, w in pairs]
         self.caps = [1] * len(self.output_lens)
+
+    @property
+    def thresholds(self) -> list[float]:
+        return [float(c) for c in self.caps]
 
     @property
     def num_groups(self) -> int:
@@ -59,8 +70,6 @@ class WaitPolicy(ThresholdPolicy):
 
     def select(self, q: WorkerQueues, now: float) -> Batch:
         self.maybe_refresh(now)
-        if self.relaxed(q):
-            return self._batch(q, range(len(q.groups)), stage_cap=self.config.max_num_seqs)
         eligible = [j for j, g in enumerate(q.groups) if len(g.waiting) + self._restarts(q, j) >= self.caps[j]]
         return self._batch(q, eligible)
 
@@ -71,19 +80,20 @@ class WaitPolicy(ThresholdPolicy):
     def _restarts(q: WorkerQueues, group: int) -> int:
         return sum(1 for r in q.restart.values() if r.group == group) if q.restart else 0
 
-    def _batch(self, q: WorkerQueues, types, stage_cap: int | None = None) -> Batch:
-        """Types `types`: at most caps[j] (or stage_cap) requests per stage, caps[j] prefills."""
+    def _batch(self, q: WorkerQueues, types) -> Batch:
+        """Types `types`: at most caps[j] requests per stage and caps[j] new prefills."""
         batch: Batch = []
         types = list(types)
         for j in types:
             for bucket in q.groups[j].stages.values():
-                take_stage(bucket, stage_cap or self.caps[j], batch)
+                take_stage(bucket, self.caps[j], batch)
+        budget = continue_prefills(q, batch, self.config.max_num_batched_tokens - len(batch))
         # Prefills after every decode (as cap_to_seqs orders them), and only while the batch has
         # room: with hundreds of types, visiting every type's queue would cost more than the plan.
         for j in types:
-            if len(batch) >= self.config.max_num_seqs:
+            if len(batch) >= self.config.max_num_seqs or budget <= 0:
                 break
-            take_prefills(q, j, self.caps[j], batch)
+            budget = take_prefills(q, j, self.caps[j], batch, budget)
         return cap_to_seqs(batch, self.config.max_num_seqs)
 
     def describe(self) -> dict:

@@ -54,7 +54,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "model_actor_resources" (dict
     "num_gpus" (ternary 1 0 (gt (int $v.workers.gpus) 0))
     "num_cpus" $v.workers.modelActorCpus)
-  "kv_cache_memory_fraction" $v.kvCache.memoryFraction
+  "gpu_memory_utilization" $v.kvCache.gpuMemoryUtilization
+  "enforce_eager" (default false $v.model.enforceEager)
   "kv_cache_tokens" (int $v.kvCache.tokens)
   "block_size" (int $v.kvCache.blockSize)
   "max_num_seqs" (int $v.scheduler.maxNumSeqs)
@@ -64,11 +65,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "api_key_env" "FLUIDSERVE_API_KEY"
   "ingress_replicas" (int $v.ingress.replicas)
 }}
+{{- $runtimeEnv := dict }}
+{{- if $v.model.hubTokenSecret.name }}
+{{- /* A reference Ray expands on each node from the container's env (the Secret): the
+       token never enters the Serve config. Child actors inherit env_vars. */}}
+{{- $_ := set $runtimeEnv "env_vars" (dict "HF_TOKEN" "${HF_TOKEN}") }}
+{{- end }}
 {{- $app := dict
   "name" "fluidserve"
   "route_prefix" "/"
   "import_path" $v.serve.importPath
-  "runtime_env" (dict)
+  "runtime_env" $runtimeEnv
   "args" $args
 }}
 {{- with $v.ingress.autoscaling }}
