@@ -27,6 +27,7 @@ from scheduler.simulate import percentile
 
 logger = logging.getLogger("fluidserve.dispatch")
 MAX_GAPS = 100_000  # gaps kept for statistics
+MAX_SAMPLES = 8192  # (new tokens, attended KV, period) of the latest steps, for calibration
 
 
 class ActorLink(Protocol):
@@ -66,17 +67,19 @@ class DispatchStats:
         self.first_start: float | None = None
         self.last_end: float | None = None
         self.gaps: deque[float] = deque(maxlen=MAX_GAPS)
+        self.samples: deque[tuple[int, int, float]] = deque(maxlen=MAX_SAMPLES)
         self._prev: tuple[int, float] | None = None  # (epoch, end of the previous step)
 
-    def observe(self, result: StepResult) -> float:
-        """Record a step; returns its period: the step plus the gap before it, the gap counted
-        up to the step's own length (a longer one is the actor idling for want of work)."""
+    def observe(self, step: ScheduledBatch, result: StepResult, pipelined: bool) -> float:
+        """Record a step; returns its period: its time on the actor, plus the gap before it when
+        it was sent before the previous step ended (else that gap is the actor idling for want
+        of work, not a cost of the iteration)."""
         if not result.finished_at:
             return result.step_time_s
-        step = result.finished_at - result.started_at
+        batch, duration = step, result.finished_at - result.started_at
         self.iterations += 1
         self.tokens += len(result.token_ids)
-        self.busy_s += step
+        self.busy_s += duration
         if self.first_start is None:
             self.first_start = result.started_at
         gap = 0.0
@@ -85,7 +88,9 @@ class DispatchStats:
             self.gaps.append(gap)
         self._prev = (result.epoch, result.finished_at)
         self.last_end = result.finished_at
-        return step + min(max(gap, 0.0), step)
+        period = duration + (max(gap, 0.0) if pipelined else 0.0)
+        self.samples.append((batch.num_new_tokens, batch.num_attended_kv, period))
+        return period
 
     def summary(self) -> dict:
         wall = (self.last_end - self.first_start) if self.first_start is not None else 0.0
@@ -103,7 +108,8 @@ class Dispatcher:
                  depth: int = 2) -> None:
         self.core, self.worker, self.link, self.sink = core, worker, link, sink
         self.depth = max(1, depth)
-        self.in_flight: deque[tuple[ScheduledBatch, asyncio.Future]] = deque()
+        # (plan, its result to come, whether it was sent while another step was in flight)
+        self.in_flight: deque[tuple[ScheduledBatch, asyncio.Future, bool]] = deque()
         self.stats = DispatchStats()
         self.stopping = False  # stop(): plan nothing more, commit what is in flight, return
         self._poked: asyncio.Future | None = None
@@ -135,7 +141,7 @@ class Dispatcher:
             if not self.stopping:
                 await self._wait(None, self._idle_timeout())
             return
-        step, future = self.in_flight[0]
+        step, future, pipelined = self.in_flight[0]
         if len(self.in_flight) < self.depth and not future.done():
             await self._wait(future, None)  # a result, or new work to plan meanwhile
             if not future.done():
@@ -152,20 +158,20 @@ class Dispatcher:
             await self._failed(step, exc)
             return
         self.in_flight.popleft()
-        self._commit(step, result)
+        self._commit(step, result, pipelined)
 
     def _fill(self) -> None:
         while len(self.in_flight) < self.depth and not self.stopping:
             step = self.core.plan(self.worker, time.monotonic())
             if step is None:
                 return
-            self.in_flight.append((step, self.link.submit(step.wire)))
+            self.in_flight.append((step, self.link.submit(step.wire), bool(self.in_flight)))
 
-    def _commit(self, step: ScheduledBatch, result: StepResult) -> None:
+    def _commit(self, step: ScheduledBatch, result: StepResult, pipelined: bool) -> None:
         events = self.core.commit(step, result, time.monotonic())
         self.sink.deliver(events)
         self._fill()  # the next plan goes out before the bookkeeping below
-        period = self.stats.observe(result)
+        period = self.stats.observe(step, result, pipelined)
         self.sink.record(self.worker, step, result, events, period)
 
     def _idle_timeout(self) -> float | None:
@@ -196,7 +202,7 @@ class Dispatcher:
             self.sink.actor_up(self.worker, True)
 
     def _void(self) -> None:
-        for _, future in self.in_flight:
+        for _, future, _ in self.in_flight:
             future.add_done_callback(_retrieve)  # their late outcomes mean nothing now
         self.in_flight.clear()
 

@@ -58,6 +58,9 @@ class EngineArgs:
     dispatch_depth: int = 2
     # GET /metrics renders at most this often (off the dispatch loops, in a thread).
     metrics_refresh_s: float = 2.0
+    # Refit the cost model from the live iterations (threshold policies follow the engine);
+    # off, a given cost_file stays (benchmarks that simulate with that very model).
+    online_cost_fit: bool = True
     # Simulated models (`sim:`): EOS at an output length drawn from this trace CSV ("lmsys": the
     # shipped sample); None: requests end by max_tokens only.
     sim_output_lengths: str | None = None

@@ -188,6 +188,8 @@ class SchedulerActor:
     def _learn_cost(self, step: ScheduledBatch, period_s: float) -> None:
         """Fit the iteration-time model online, so thresholds follow the real engine: a step's
         period on its actor (its time plus the gap before it) is what an iteration costs."""
+        if not self.args.online_cost_fit:
+            return
         model = self._cost_fit.observe(step.num_new_tokens, step.num_attended_kv, period_s)
         if model is not None and hasattr(self.core.policy, "set_cost"):
             self.core.policy.set_cost(model)
@@ -278,13 +280,16 @@ class SchedulerActor:
 
         return list(await asyncio.gather(*(one(*a) for a in arrivals)))
 
-    async def dispatch_stats(self, reset: bool = False) -> dict:
-        """Per model actor: busy fraction, gaps between steps, loop CPU; the replica's CPU time
-        and pid (benchmarks read these; `reset` starts a new measurement window)."""
+    async def dispatch_stats(self, reset: bool = False, samples: bool = False) -> dict:
+        """Per model actor: busy fraction, gaps between steps; the replica's CPU time and pid
+        (benchmarks read these; `reset` starts a new measurement window). `samples`: the latest
+        steps' (new tokens, attended KV, period s), what a cost model is fitted to."""
         self._ensure_started()
         await self._ready.wait()
         out = {"actors": [d.stats.summary() for d in self.dispatchers], "pid": os.getpid(),
                "process_cpu_s": time.process_time(), "monotonic": time.monotonic()}
+        if samples:
+            out["samples"] = [s for d in self.dispatchers for s in d.stats.samples]
         if reset:
             for d in self.dispatchers:
                 d.stats.reset()
