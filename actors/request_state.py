@@ -113,6 +113,8 @@ class RequestStates:
         plan is refused as a whole and nothing changed)."""
         if plan.block_size != self.block_size:
             raise PlanError(f"plan block_size {plan.block_size} != the cache's {self.block_size}")
+        if self.epoch is not None and plan.epoch < self.epoch:
+            raise PlanError(f"plan {plan.iteration} of epoch {plan.epoch} arrived after epoch {self.epoch}")
         if plan.epoch != self.epoch:  # the scheduler reset this actor: start from nothing
             self.clear()
             self.epoch = plan.epoch

@@ -144,6 +144,7 @@ class SchedulerCore(RowScheduling):
         if step.wire is not None:
             step.wire.set_rows([r.slot for r in step.requests], step.num_tokens, step.start_pos)
         self._iterations[worker] = iteration
+        q.last_sent = (q.epoch, iteration)
         q.in_flight += 1
         return step
 

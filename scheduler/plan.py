@@ -53,6 +53,9 @@ class DiffPlan:
     iteration: int
     epoch: int  # a new epoch tells the actor to drop every request it holds first
     block_size: int
+    # The iteration of the plan sent to this actor just before, in this epoch (-1: none): an
+    # actor that may receive calls out of order runs this plan only after that one.
+    prev_iteration: int = -1
     new_requests: list[NewRequestData] = field(default_factory=list)
     freed_slots: array = field(default_factory=int_array)  # finished or cancelled since the last plan
     evicted_slots: array = field(default_factory=int_array)  # evicted to make room for this plan

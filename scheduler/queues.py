@@ -88,6 +88,7 @@ class WorkerQueues:
     idle_since: float = 0.0  # end of the last iteration (for the starvation guard)
     in_flight: int = 0  # plans sent and not committed yet
     epoch: int = 0  # bumped when the actor's state is lost (crash, failed step)
+    last_sent: tuple[int, int] = (-1, -1)  # (epoch, iteration) of the last plan made
     slots: SlotAllocator = field(default_factory=SlotAllocator)
 
     @property

@@ -28,7 +28,9 @@ class RowScheduling:
             slots.freed.clear()
             slots.evicted.clear()
             return None
+        epoch, last = q.last_sent
         wire = DiffPlan(q.worker, iteration, q.epoch, self.block_size,
+                        prev_iteration=last if epoch == q.epoch else -1,
                         freed_slots=int_array(slots.freed), evicted_slots=int_array(slots.evicted))
         slots.freed.clear()
         slots.evicted.clear()

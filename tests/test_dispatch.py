@@ -94,3 +94,32 @@ def test_a_failed_step_fails_its_requests_and_the_rest_continue() -> None:
     for r in ok:  # the others re-prefilled after the reset and their text is unchanged
         assert r.output_token_ids == expected_tokens(r, 30)
     assert core.workers[0].pool.num_used_blocks == 0 and core.workers[0].epoch == 1
+
+
+def test_a_pipelined_actor_runs_plans_in_the_order_sent_whatever_order_they_arrive() -> None:
+    """Ray may start an async actor's calls out of order: the plans' own order is restored."""
+    import random
+
+    from actors.pipelined import pipelined
+
+    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=4)), 200, 16)
+    for i in range(6):
+        core.submit(Request(f"r{i}", 10 + 5 * i, 12, 0.0, prompt_token_ids=[200 + i] * (10 + 5 * i)), 0.0)
+    plans = []
+    while (step := core.plan(0, 0.0)) is not None and len(plans) < 8:
+        plans.append(step.wire)  # planned ahead, nothing committed: each names its predecessor
+    assert [p.prev_iteration for p in plans] == [-1] + [p.iteration for p in plans[:-1]]
+    in_order = SimModelActor(sleep=False)
+    expected = [list(in_order.execute(p).token_ids) for p in plans]
+    actor = pipelined(SimModelActor)(sleep=False)
+
+    async def main() -> list[list[int]]:
+        shuffled = list(range(len(plans)))
+        random.Random(3).shuffle(shuffled)
+        tasks = {}
+        for i in shuffled:  # calls start in a scrambled order
+            tasks[i] = asyncio.create_task(actor.execute(plans[i]))
+            await asyncio.sleep(0)
+        return [list((await tasks[i]).token_ids) for i in range(len(plans))]
+
+    assert asyncio.run(main()) == expected
