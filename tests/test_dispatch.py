@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from test_async_core import expected_tokens
 
 from actors.dispatch import Dispatcher
 from actors.local_engine import LocalEngine, ThreadLink
@@ -13,7 +14,6 @@ from kv.tables import PlanError
 from scheduler.core import SchedulerCore
 from scheduler.policies import PolicyConfig, make_policy
 from scheduler.request import Request, SamplingParams
-from test_async_core import expected_tokens
 
 
 @pytest.fixture(scope="module")
