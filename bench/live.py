@@ -26,7 +26,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from actors.calibrate import RobustFit, robust_fit
@@ -48,6 +48,10 @@ PREFILL_PROBES = (16, 64, 256)
 DECODE_PROBES = ((1, 32), (8, 32), (32, 32), (8, 160))
 PROBE_OUTPUT = 16
 PROBE_REPEATS = 4
+# Then requests of the benchmark's own workload (another seed) at this load of the first fit, so
+# that the final fit covers the batch shapes the runs will see instead of extrapolating to them.
+WORKLOAD_PROBE_LOAD = 0.6
+WORKLOAD_PROBE_REQUESTS = 30
 
 # deploy(app_args) -> base URL of the running app (deploy.local.start, or a test fixture).
 Deployer = Callable[[dict], str]
@@ -93,14 +97,17 @@ def _probe(url: str, batch: int, prompt: int, output: int, index: int) -> None:
 
 def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
     """Fit the cost model to the live system's own iterations: probes (lone prefills, lockstep
-    decode batches of two contexts) sent through the API while the scheduler records every
-    step's new tokens, attended KV and period on its model actor (the step's time plus the gap
-    before it when the next step was already queued: what an iteration costs a request). The
-    fit drops outliers (a neighbour's burst on a shared box) and reports its own uncertainty."""
+    decode batches of two contexts, then a slice of the benchmark's workload) sent through the
+    API while the scheduler records every step's new tokens, attended KV and period on its
+    model actor (the step's time plus the gap before it when the next step was already queued:
+    what an iteration costs a request). The fit drops outliers (a neighbour's burst on a shared
+    box) and reports its own uncertainty; the samples are saved beside the cost file."""
     from ray import serve
 
     scheduler = serve.get_deployment_handle("Scheduler", app_name="fluidserve")
     cap = live_capacity()
+    model_kw = {"kv_capacity_tokens": cap["kv_capacity_tokens"], "block_size": cap["block_size"],
+                "name": f"{config.model}@live"}
     scheduler.dispatch_stats.remote(reset=True).result()
     index = 100_000
     for _ in range(config.calibration_repeats):
@@ -110,9 +117,16 @@ def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
         for batch, prompt in DECODE_PROBES:
             index += batch
             _probe(url, batch, min(prompt, config.max_prompt), PROBE_OUTPUT, index)
+    first = robust_fit(scheduler.dispatch_stats.remote(samples=True).result()["samples"], **model_kw)
+    probe = replace(config, seed=config.seed + 1000, num_requests=WORKLOAD_PROBE_REQUESTS)
+    rate = WORKLOAD_PROBE_LOAD / load_per_rate(arrivals_at(probe, 1.0), first.model)
+    outs = loadgen.run_sync(url, arrivals_at(probe, rate), index_base=index + 1)
+    if any(not o.ok for o in outs):
+        raise RuntimeError(f"calibration request failed: {next(o.error for o in outs if not o.ok)}")
     samples = scheduler.dispatch_stats.remote(samples=True).result()["samples"]
-    fitted = robust_fit(samples, kv_capacity_tokens=cap["kv_capacity_tokens"], block_size=cap["block_size"],
-                        name=f"{config.model}@live")
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    (config.out_dir / f"cost-{model_slug(config.model)}-live-samples.json").write_text(json.dumps(samples) + "\n")
+    fitted = robust_fit(samples, **model_kw)
     _log(config, f"live calibration of {config.model}: {fitted.describe()}; KV {cap['kv_capacity_tokens']} tokens")
     return fitted
 
