@@ -12,6 +12,8 @@ SDPA on CPU, the hot path of the default deployment:
   - decodes (sorted by context length) are cut into groups of similar length; each group is
     one SDPA call over KV gathered block-wise and padded to the group's longest context.
     GQA without copying KV: the g query heads sharing a KV head become g "query positions".
+  - CPU with a bf16 cache (and fp32 activations): k/v arrive and are gathered in bf16 and are
+    widened to the query's fp32 for SDPA; the C decode kernel reads bf16 pages directly.
 """
 from __future__ import annotations
 
@@ -81,20 +83,24 @@ class SdpaBackend:
         dev, bs = batch.input_ids.device, batch.block_size
         prefills = [self._prefill_meta(s, bs, dev) for s in batch.prefills]
         if batch.decodes and self.paged_kernel and cache.k.device.type == "cpu" \
-                and cache.k.dtype == torch.float32 and cpu_kernels.available():
+                and cache.k.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available():
             return SdpaMeta(prefills, [], self._paged_decode_meta(batch.decodes))
         groups = [self._group_meta(g, bs, dev) for g in self._group_decodes(batch.decodes, bs)]
         return SdpaMeta(prefills, groups)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cache: KVCache, meta: SdpaMeta) -> torch.Tensor:
-        out = torch.empty_like(q)
         k_pages, v_pages = cache.paged(layer)
+        pd = meta.paged_decode
+        if pd is not None and not meta.prefills and pd.rows == slice(0, q.shape[0]):
+            # Only decodes (the common step): the kernel's output is the whole answer.
+            return cpu_kernels.paged_decode(q, k_pages, v_pages, pd.tables, pd.lens,
+                                            q.shape[-1] ** -0.5)
+        out = torch.empty_like(q)
         for p in meta.prefills:
             out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], k_pages, v_pages, p)
         for g in meta.decode_groups:
             out[g.rows] = self._decode(q[g.rows], k_pages, v_pages, g)
-        pd = meta.paged_decode
         if pd is not None:
             out[pd.rows] = cpu_kernels.paged_decode(q[pd.rows], k_pages, v_pages, pd.tables,
                                                     pd.lens, q.shape[-1] ** -0.5)
@@ -118,6 +124,7 @@ class SdpaBackend:
         if p.blocks is not None:  # continue an earlier prefill: read all its KV from the cache
             k = k_pages.index_select(0, p.blocks).flatten(0, 1)
             v = v_pages.index_select(0, p.blocks).flatten(0, 1)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # CPU bf16 KV -> the fp32 activations (else no-op)
         # 4-D [1, heads, T, D]: torch's CPU flash kernel (GQA included) only takes 4-D inputs;
         # 3-D ones fall back to the unfused math path, 10x slower at a few hundred tokens.
         o = F.scaled_dot_product_attention(
@@ -173,8 +180,8 @@ class SdpaBackend:
         b, h, d = q.shape
         _, bs, hkv, _ = k_pages.shape
         length = g.num_blocks * bs
-        k = k_pages.index_select(0, g.blocks).view(b, length, hkv, d).transpose(1, 2)
-        v = v_pages.index_select(0, g.blocks).view(b, length, hkv, d).transpose(1, 2)
+        k = k_pages.index_select(0, g.blocks).view(b, length, hkv, d).transpose(1, 2).to(q.dtype)
+        v = v_pages.index_select(0, g.blocks).view(b, length, hkv, d).transpose(1, 2).to(q.dtype)
         # [B, Hkv, g, D]: query heads of one KV head act as g query rows of that head.
         o = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d), k, v, attn_mask=g.mask)
         return o.reshape(b, h, d)
