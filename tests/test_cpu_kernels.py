@@ -105,3 +105,17 @@ def test_paged_decode_bf16_reads_the_pages_like_sdpa() -> None:
         want = F.scaled_dot_product_attention(q[b][:, None], k.repeat_interleave(4, 0),
                                               v.repeat_interleave(4, 0))[:, 0]
         assert torch.allclose(got[b], want, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the decode kernel did not build here")
+def test_paged_decode_portable_loops_match_the_avx512_ones(monkeypatch, tmp_path) -> None:
+    """The same source built without AVX-512 (the plain loops other CPUs run)."""
+    k_pages = randn(12, 16, 2, 64, seed=13).bfloat16()
+    v_pages = randn(12, 16, 2, 64, seed=14).bfloat16()
+    tables, lens, q = torch.tensor([[4, 1, 7], [0, 11, 2]]), torch.tensor([37, 48]), randn(2, 6, 64)
+    native = cpu_kernels.paged_decode(q, k_pages, v_pages, tables, lens, 0.125)
+    monkeypatch.setenv("FLUIDSERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_FLAGS", [*cpu_kernels._FLAGS, "-mno-avx512f"])
+    monkeypatch.setattr(cpu_kernels, "_libs", {})
+    portable = cpu_kernels.paged_decode(q, k_pages, v_pages, tables, lens, 0.125)
+    assert torch.allclose(native, portable, atol=1e-5)
