@@ -4,7 +4,8 @@ A backend gets the new tokens' q/k/v of one layer (KV already written to the pag
 returns the attention output. `prepare` runs once per step and builds whatever index tensors
 all layers share. Backends: `sdpa` (torch, any device) here; `flash_attn` in flash_attention.py.
 
-SDPA on CPU, the hot path of the default deployment:
+SDPA on CPU without the C kernel (with it, every row goes through cpu_kernels.paged_decode,
+see SdpaBackend.paged_prefill):
   - a prefill chunk starting at position 0 attends only to its own tokens: causal SDPA on the
     fresh k/v, no gather at all;
   - a chunk continuing an earlier prefill gathers its blocks and uses an explicit causal mask
@@ -72,18 +73,26 @@ class SdpaMeta:
 class SdpaBackend:
     name = "sdpa"
 
-    def __init__(self, max_group_padding: float = 0.15, paged_kernel: bool = True) -> None:
+    def __init__(self, max_group_padding: float = 0.15, paged_kernel: bool = True,
+                 paged_prefill: bool = True) -> None:
         # A decode group may waste this fraction of its gathered KV on padding; more groups
         # cost a few extra small calls per layer, more padding costs memory traffic.
         self.max_group_padding = max_group_padding
-        # CPU fp32: decodes go through the C kernel reading the paged cache in place.
+        # CPU: decodes go through the C kernel reading the paged cache in place...
         self.paged_kernel = paged_kernel
+        # ...and so does every prefill row, as the decode of its own token would: a token's
+        # output is then the same bits whether it was prefilled (in any chunking) or decoded,
+        # so a request recomputed after an eviction or a crash continues the very same text.
+        self.paged_prefill = paged_prefill
 
     def prepare(self, batch: StepBatch, cache: KVCache) -> SdpaMeta:
         dev, bs = batch.input_ids.device, batch.block_size
+        paged = self.paged_kernel and cache.k.device.type == "cpu" \
+            and cache.k.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
+        if paged and self.paged_prefill:
+            return SdpaMeta([], [], self._paged_decode_meta(batch.prefills + batch.decodes))
         prefills = [self._prefill_meta(s, bs, dev) for s in batch.prefills]
-        if batch.decodes and self.paged_kernel and cache.k.device.type == "cpu" \
-                and cache.k.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available():
+        if batch.decodes and paged:
             return SdpaMeta(prefills, [], self._paged_decode_meta(batch.decodes))
         groups = [self._group_meta(g, bs, dev) for g in self._group_decodes(batch.decodes, bs)]
         return SdpaMeta(prefills, groups)
@@ -135,13 +144,18 @@ class SdpaBackend:
 
     # -- decode ----------------------------------------------------------------------------
     @staticmethod
-    def _paged_decode_meta(decodes: list[SeqSpan]) -> PagedDecodeMeta:
-        rows = slice(decodes[0].row_start, decodes[-1].row_start + 1)
-        width = max(len(s.block_table) for s in decodes)
+    def _paged_decode_meta(spans: list[SeqSpan]) -> PagedDecodeMeta:
+        """One kernel row per token of `spans` (consecutive rows): its sequence's block table
+        and the context its own position sees."""
+        rows = slice(spans[0].row_start, spans[-1].row_start + spans[-1].num_tokens)
+        width = max(len(s.block_table) for s in spans)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
-                               for s in decodes], dtype=torch.long)
-        lens = torch.tensor([s.context_len for s in decodes], dtype=torch.long)
-        return PagedDecodeMeta(rows, tables, lens)
+                               for s in spans], dtype=torch.long)
+        if all(s.num_tokens == 1 for s in spans):  # decodes only
+            return PagedDecodeMeta(rows, tables, torch.tensor([s.context_len for s in spans]))
+        counts = torch.tensor([s.num_tokens for s in spans])
+        lens = torch.cat([torch.arange(s.start_pos + 1, s.context_len + 1) for s in spans])
+        return PagedDecodeMeta(rows, tables.repeat_interleave(counts, 0), lens)
 
     def _group_decodes(self, decodes: list[SeqSpan], bs: int) -> list[list[SeqSpan]]:
         """Cut decodes (ascending context) into runs whose padded KV wastes little."""

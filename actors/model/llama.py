@@ -87,6 +87,7 @@ class LlamaModel:
         # CPU: fp32 activations whatever the storage dtype (see the module docstring).
         self.act_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.proj = projections(self.device, self.dtype)
+        self.linear = self.proj.apply  # x @ w.T for this model's weights (the name callers knew)
         w = dict(loaded.weights)
         loaded.weights = {}  # the fused copies below replace them; let the originals go
         try:
