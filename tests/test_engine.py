@@ -338,6 +338,20 @@ def test_bf16_mixed_and_chunked_batches_stay_close_to_fp32(tiny_bf16: Harness) -
     assert rel_err(by_torch, by_kernel) < 1e-4  # the same bf16 KV read two ways (same tokens)
 
 
+def test_bf16_token_bits_do_not_depend_on_chunking_or_batch(tiny_bf16: Harness) -> None:
+    """What recompute after an eviction relies on: a token's logits are the same bits whether
+    its prompt was prefilled whole or in chunks and whatever else shares the step."""
+    h = tiny_bf16
+    tokens, other = prompt(h.vocab, 40, seed=70), prompt(h.vocab, 25, seed=71)
+    table, other_table = shuffled_tables([40, 25], 96, seed=21)
+    whole = h.run([chunk("a", tokens, 0, table)])[0]
+    h.run([chunk("a", tokens[:17], 0, table, sample=False), chunk("b", other, 0, other_table)])
+    h.run([chunk("a", tokens[17:39], 17, table, sample=False)])
+    decoded = h.run([chunk("b", [5], 25, other_table, is_prefill=False),
+                     chunk("a", tokens[39:], 39, table, is_prefill=False)])[1]
+    assert torch.equal(whole, decoded)
+
+
 def run_requests(engine, prompts: list[list[int]], sampling: list[SamplingParams],
                  max_tokens: int) -> list[list[int]]:
     """All requests submitted at once, each with its own sampling; tokens in prompt order."""
