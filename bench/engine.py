@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--token-budget", type=int, default=1024, help="tokens per engine step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each fluidserve mode (best)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each fluidserve mode (best)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true", help="fluidserve only (fast)")
     p.add_argument("--skip-fp32", action="store_true", help="no fp32 comparison run")

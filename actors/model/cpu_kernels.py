@@ -1,9 +1,10 @@
 """Small C kernels for the CPU hot spots torch has no fast op for (sources in csrc/).
 
-- `paged_decode` (csrc/paged_decode.c): decode attention reading the paged KV cache in place,
-  fp32 or bf16 KV. torch can only attend over KV it sees as one strided tensor, so the SDPA
-  path first copies every sequence's blocks out of the cache; this reads each K/V row once,
-  one sequence per task (GQA: query head h reads KV head h // g).
+- `paged_decode` (csrc/paged_decode.c): attention reading the paged KV cache in place, fp32 or
+  bf16 KV, one query row per task with its own context length (decodes, and prefill rows as
+  the decode of their token would be computed). torch can only attend over KV it sees as one
+  strided tensor, so the SDPA path first copies every sequence's blocks out of the cache; this
+  reads each K/V row once (GQA: query head h reads KV head h // g).
 - `linear_bf16` (csrc/linear_bf16.c): y = x @ W^T with W packed once in bf16 for AVX512-BF16's
   vdpbf16ps, fp32 accumulation and output. At one row it streams the weights at the memory's
   speed (half the bytes of fp32); at many it runs 2x oneDNN's fp32 GEMM. Each output row is
