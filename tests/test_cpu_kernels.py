@@ -87,6 +87,12 @@ def test_rope_store_matches_apply_rotary_and_cache_write(kv_dtype: torch.dtype) 
     untouched = torch.ones(64, dtype=torch.bool)
     untouched[slots] = False
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
+    # A negative slot (a CUDA-graph padding row) is rotated but never stored.
+    before = k_cache.clone(), v_cache.clone()
+    q2, k2, _ = cpu_kernels.rope_store(qkv[:2], rope.cos, rope.sin, positions[:2],
+                                       torch.tensor([-1, -1]), k_cache, v_cache, heads, kv_heads, d)
+    assert torch.equal(k2, k[:2]) and torch.equal(q2, q[:2])
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the decode kernel did not build here")

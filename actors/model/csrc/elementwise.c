@@ -12,6 +12,13 @@ static inline void store(void *out, int bf16, int64_t i, float x)
     else ((float *)out)[i] = x;
 }
 
+/* dst[d] = src[s], both fp32 or both bf16: a value already stored, copied bit for bit. */
+static inline void copy(void *dst, const void *src, int bf16, int64_t d, int64_t s)
+{
+    if (bf16) ((uint16_t *)dst)[d] = ((const uint16_t *)src)[s];
+    else ((float *)dst)[d] = ((const float *)src)[s];
+}
+
 /* h[T, H] += delta (if not NULL); then, if w is not NULL, out = h / rms(h) * w
    (transformers' LlamaRMSNorm in fp32: h * rsqrt(mean(h^2) + eps) * w). */
 void add_rms_norm(float *h, const float *delta, const float *w, void *out, int out_bf16,
@@ -66,8 +73,9 @@ void silu_mul(const float *gate_up, void *out, int out_bf16, int64_t T, int64_t 
 
 /* qkv [T, (H + 2 HKV) D] -> q [T, H, D] fp32 rotated; k rotated and v as stored (fp32 or bf16)
    into k_new / v_new [T, HKV, D] and into the cache's slots (k_cache / v_cache: one layer,
-   [slots, HKV, D]). Rotate-half convention: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),
-   cos/sin rows [max_len, D / 2] picked by position. */
+   [slots, HKV, D]); a negative slot (a padding row of a CUDA-graph bucket) is not stored.
+   Rotate-half convention: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), cos/sin rows
+   [max_len, D / 2] picked by position. */
 void rope_store(const float *qkv, const float *cos_t, const float *sin_t, const int64_t *pos,
                 const int64_t *slots, float *q, void *k_new, void *v_new, void *k_cache,
                 void *v_cache, int kv_bf16, int64_t T, int64_t H, int64_t HKV, int64_t D)
@@ -86,23 +94,25 @@ void rope_store(const float *qkv, const float *cos_t, const float *sin_t, const 
                 o[i + half] = x[i + half] * c[i] + x[i] * s[i];
             }
         }
+        const int keep = slots[t] >= 0;
         for (int64_t h = 0; h < HKV; ++h) {
             const float *x = row + (H + h) * D;
-            const int64_t at = t * kv + h * D, slot = slots[t] * kv + h * D;
+            const int64_t at = t * kv + h * D, slot = (keep ? slots[t] : 0) * kv + h * D;
             #pragma omp simd
             for (int64_t i = 0; i < half; ++i) {
                 const float a = x[i] * c[i] - x[i + half] * s[i];
                 const float b = x[i + half] * c[i] + x[i] * s[i];
                 store(k_new, kv_bf16, at + i, a);
                 store(k_new, kv_bf16, at + i + half, b);
-                store(k_cache, kv_bf16, slot + i, a);
-                store(k_cache, kv_bf16, slot + i + half, b);
             }
             const float *y = row + (H + HKV + h) * D;
             #pragma omp simd
+            for (int64_t i = 0; i < D; ++i) store(v_new, kv_bf16, at + i, y[i]);
+            if (!keep) continue;
+            #pragma omp simd
             for (int64_t i = 0; i < D; ++i) {
-                store(v_new, kv_bf16, at + i, y[i]);
-                store(v_cache, kv_bf16, slot + i, y[i]);
+                copy(k_cache, k_new, kv_bf16, slot + i, at + i);
+                copy(v_cache, v_new, kv_bf16, slot + i, at + i);
             }
         }
     }
