@@ -3,13 +3,19 @@
     python -m bench.engine [--model default] [--requests 64] [--json]
 
 Workload: N requests, prompts of 32-256 random tokens (fixed seed), 64 output tokens each,
-greedy, EOS ignored. fluidserve runs them through `ModelActor.execute` driven by a small
+EOS ignored. fluidserve runs them through `ModelActor.execute` driven by a small
 continuous-batching loop (every running request decodes each step; waiting prompts fill the
-rest of a token budget in chunks). transformers runs the same prompts through
-`model.generate_batch` (its paged-cache continuous batching). Both in this process.
+rest of a token budget in chunks), in its default dtype (bf16 weights and KV on AVX512-BF16
+CPUs), greedy and sampled (temperature 1.0, top_p 0.95) in alternation, `--repeats` times each
+(best kept: other load on a shared box only slows a run down), then greedy in fp32.
+transformers runs the same prompts greedy through `model.generate_batch` (its paged-cache
+continuous batching) in fp32, its CPU default. All in this process, same threads. Last, one
+greedy stream on one thread (bench/single_stream.py): fluidserve's default dtype, fp32 and
+llama.cpp on the same GGUF.
 
 roofline_fraction = useful FLOPs of the tokens fluidserve processed (layer matmuls, attention,
-LM head of sampled rows) / its wall time / the fp32 matmul rate measured here, same threads.
+LM head of sampled rows) / its wall time / the rate of its own GEMM (fp32 oneDNN, or the bf16
+kernel) on 2048 x 2048 measured here, same threads.
 """
 from __future__ import annotations
 
@@ -29,12 +35,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actors.model.llama import Projections
 from actors.model_actor import ModelActor
+from bench import single_stream
 from kv.blocks import BlockPool
 from scheduler.plan import Plan, ScheduledChunk
 from scheduler.request import SamplingParams
 
 GREEDY_NO_EOS = SamplingParams(temperature=0.0, ignore_eos=True)
+SAMPLED_NO_EOS = SamplingParams(temperature=1.0, top_p=0.95, ignore_eos=True)
 
 
 @dataclass
@@ -58,7 +67,7 @@ def make_prompts(n: int, vocab: int, seed: int, lo: int = 32, hi: int = 256) -> 
 
 
 def run_fluidserve(actor: ModelActor, prompts: list[list[int]], output_len: int,
-                   token_budget: int) -> dict:
+                   token_budget: int, sampling: SamplingParams = GREEDY_NO_EOS) -> dict:
     """Continuous batching: decodes first, then chunked prefills up to `token_budget` tokens."""
     cfg = actor.config
     pool = BlockPool(actor.cache.num_blocks, actor.cache.block_size)
@@ -70,7 +79,7 @@ def run_fluidserve(actor: ModelActor, prompts: list[list[int]], output_len: int,
     while waiting or running:
         chunks, owners = [], []
         for r in running:  # one decode each
-            chunks.append(_chunk(pool, r, r.computed, 1, sample=True))
+            chunks.append(_chunk(pool, r, r.computed, 1, True, sampling))
             owners.append(r)
         budget = token_budget - len(chunks)
         for r in list(waiting):
@@ -79,7 +88,7 @@ def run_fluidserve(actor: ModelActor, prompts: list[list[int]], output_len: int,
             n = min(budget, len(r.prompt) - r.computed)
             if pool.extra_blocks(r.rid, r.computed + n) > pool.num_free_blocks:
                 break
-            chunks.append(_chunk(pool, r, r.computed, n, sample=r.computed + n == len(r.prompt)))
+            chunks.append(_chunk(pool, r, r.computed, n, r.computed + n == len(r.prompt), sampling))
             owners.append(r)
             budget -= n
         result = actor.execute(Plan(0, steps, chunks, pool.block_size))
@@ -103,10 +112,11 @@ def run_fluidserve(actor: ModelActor, prompts: list[list[int]], output_len: int,
             "flops": flops, "steps": steps}
 
 
-def _chunk(pool: BlockPool, r: BenchRequest, start: int, n: int, sample: bool) -> ScheduledChunk:
+def _chunk(pool: BlockPool, r: BenchRequest, start: int, n: int, sample: bool,
+           sampling: SamplingParams) -> ScheduledChunk:
     pool.reserve(r.rid, start + n)
     return ScheduledChunk(r.rid, r.tokens[start : start + n], start, n, pool.block_table(r.rid),
-                          pool.slot_mapping(r.rid, start, start + n), sample, GREEDY_NO_EOS,
+                          pool.slot_mapping(r.rid, start, start + n), sample, sampling,
                           is_prefill=start < len(r.prompt))
 
 
@@ -136,67 +146,128 @@ def run_transformers(model_name: str, prompts: list[list[int]], output_len: int)
     return {"wall_s": wall, "output_tokens": tokens}
 
 
-def matmul_rate(seconds: float = 1.0, n: int = 2048) -> float:
-    """Measured fp32 GEMM FLOP/s with the current torch threads (best of a few runs)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+def matmul_rate(proj: Projections, seconds: float = 1.0, n: int = 2048) -> float:
+    """Measured GEMM FLOP/s of the engine's own projections (fp32: oneDNN; bf16: the packed
+    AVX512-BF16 kernel) with the current torch threads, best of a few runs."""
+    x, w = torch.randn(n, n), proj.prepare(torch.randn(n, n))
+    proj.apply(x, w)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t = time.perf_counter()
-        a @ b
+        proj.apply(x, w)
         best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
+
+
+def best_runs(actor: ModelActor, prompts: list[list[int]], args: argparse.Namespace,
+              modes: dict[str, SamplingParams]) -> dict[str, dict]:
+    """Each mode `args.repeats` times, interleaved; the fastest run of each."""
+    best: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for name, sampling in modes.items():
+            r = run_fluidserve(actor, prompts, args.output_len, args.token_budget, sampling)
+            if name not in best or r["wall_s"] < best[name]["wall_s"]:
+                best[name] = r
+    return best
+
+
+def tok_s(run: dict | None) -> float | None:
+    return run["output_tokens"] / run["wall_s"] if run else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default")
+    p.add_argument("--dtype", default="auto", help="fluidserve's dtype (auto: bf16 where fast)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--token-budget", type=int, default=1024, help="tokens per engine step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each fluidserve mode (best)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true", help="fluidserve only (fast)")
+    p.add_argument("--skip-fp32", action="store_true", help="no fp32 comparison run")
+    p.add_argument("--skip-single-stream", action="store_true")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--json", action="store_true", help="print one JSON line last")
     args = p.parse_args(argv)
 
-    actor = ModelActor(args.model, kv_cache_tokens=65536, num_threads=args.threads)
+    actor = ModelActor(args.model, kv_cache_tokens=32768, num_threads=args.threads,
+                       dtype=args.dtype)
     threads = torch.get_num_threads()
+    dtype = str(actor.model.dtype).removeprefix("torch.")
     prompts = make_prompts(args.requests, actor.config.vocab_size, args.seed)
     run_fluidserve(actor, prompts[:2], 4, args.token_budget)  # warm-up: allocator, kernels
-    peak = matmul_rate()
-    fs = run_fluidserve(actor, prompts, args.output_len, args.token_budget)
-    peak = max(peak, matmul_rate())
+    peak = matmul_rate(actor.model.proj)
+    runs = best_runs(actor, prompts, args, {"greedy": GREEDY_NO_EOS, "sampled": SAMPLED_NO_EOS})
+    peak = max(peak, matmul_rate(actor.model.proj))
+    fp32 = None
+    if not args.skip_fp32 and actor.model.dtype != torch.float32:
+        fp32 = ModelActor(args.model, kv_cache_tokens=32768, num_threads=threads, dtype="float32")
+        run_fluidserve(fp32, prompts[:2], 4, args.token_budget)
+        runs["fp32"] = best_runs(fp32, prompts, args, {"fp32": GREEDY_NO_EOS})["fp32"]
     tf = None if args.skip_transformers else run_transformers(args.model, prompts, args.output_len)
+    single = None
+    if not args.skip_single_stream and args.model == "default":
+        actors = {f"fluidserve_{dtype}": actor} | ({"fluidserve_float32": fp32} if fp32 else {})
+        single = single_stream.measure(actors, 96, 3, threads=1)
+        torch.set_num_threads(threads)
 
-    fs_tok_s = fs["output_tokens"] / fs["wall_s"]
-    tf_tok_s = tf["output_tokens"] / tf["wall_s"] if tf else None
+    fs = runs["greedy"]
+    fs_tok_s, tf_tok_s = tok_s(fs), tok_s(tf)
+    sampled_tok_s, fp32_tok_s = tok_s(runs["sampled"]), tok_s(runs.get("fp32"))
     achieved = fs["flops"] / fs["wall_s"]
+    single_tok_s = single.get(f"fluidserve_{dtype}") if single else None
     result = {
-        "model": args.model, "requests": args.requests, "output_len": args.output_len,
-        "threads": threads, "steps": fs["steps"],
+        "model": args.model, "dtype": dtype, "requests": args.requests,
+        "output_len": args.output_len, "threads": threads, "steps": fs["steps"],
         "fluidserve_output_tok_s": round(fs_tok_s, 2),
         "transformers_output_tok_s": round(tf_tok_s, 2) if tf_tok_s else None,
-        "speedup": round(fs_tok_s / tf_tok_s, 2) if tf_tok_s else None,
+        "speedup": ratio(fs_tok_s, tf_tok_s),
         "processed_tok_s": round(fs["processed_tokens"] / fs["wall_s"], 1),
         "achieved_gflops": round(achieved / 1e9, 1),
         "matmul_gflops": round(peak / 1e9, 1),
         "roofline_fraction": round(achieved / peak, 3),
+        "fluidserve_sampled_output_tok_s": round(sampled_tok_s, 2),
+        "sampled_vs_greedy": ratio(sampled_tok_s, fs_tok_s),
+        "fluidserve_fp32_output_tok_s": round(fp32_tok_s, 2) if fp32_tok_s else None,
+        "fp32_speedup": ratio(fp32_tok_s, tf_tok_s),
+        "single_stream_tok_s": single_tok_s,
+        "single_stream_fp32_tok_s": single.get("fluidserve_float32") if single else None,
+        "llama_cpp_single_stream_tok_s": single.get("llama_cpp") if single else None,
+        "single_stream_vs_llama_cpp": ratio(single_tok_s, single.get("llama_cpp")) if single else None,
+        "llama_cpp_skipped": single.get("llama_cpp_skipped") if single else "not run",
     }
-    print(f"{'engine':<14}{'wall s':>9}{'output tok/s':>14}")
-    print(f"{'fluidserve':<14}{fs['wall_s']:>9.1f}{fs_tok_s:>14.1f}")
-    if tf:
-        print(f"{'transformers':<14}{tf['wall_s']:>9.1f}{tf_tok_s:>14.1f}")
-    print(f"processed {result['processed_tok_s']} tok/s, {result['achieved_gflops']} GFLOP/s of "
-          f"{result['matmul_gflops']} measured GEMM peak ({threads} threads): "
-          f"roofline {result['roofline_fraction']:.2f}")
+    print_table(result, runs, tf)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def print_table(result: dict, runs: dict[str, dict], tf: dict | None) -> None:
+    print(f"{'engine':<26}{'wall s':>9}{'output tok/s':>14}")
+    labels = {"greedy": f"{result['dtype']} greedy", "sampled": f"{result['dtype']} sampled",
+              "fp32": "float32 greedy"}
+    for name, run in runs.items():
+        print(f"{'fluidserve ' + labels[name]:<26}{run['wall_s']:>9.1f}{tok_s(run):>14.1f}")
+    if tf:
+        print(f"{'transformers float32':<26}{tf['wall_s']:>9.1f}{tok_s(tf):>14.1f}")
+    print(f"speedup vs transformers {result['speedup']} (fp32 engine: {result['fp32_speedup']}); "
+          f"sampled / greedy {result['sampled_vs_greedy']}")
+    print(f"processed {result['processed_tok_s']} tok/s, {result['achieved_gflops']} GFLOP/s of "
+          f"{result['matmul_gflops']} measured {result['dtype']} GEMM peak ({result['threads']} threads): "
+          f"roofline {result['roofline_fraction']:.2f}")
+    if result["single_stream_tok_s"] is not None:
+        print(f"single stream, 1 thread: {result['single_stream_tok_s']} tok/s "
+              f"(fp32 {result['single_stream_fp32_tok_s']}, llama.cpp "
+              f"{result['llama_cpp_single_stream_tok_s'] or result['llama_cpp_skipped']})")
 
 
 if __name__ == "__main__":

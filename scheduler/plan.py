@@ -128,6 +128,7 @@ class TokenResult:
     token_id: int  # -1 in simulation
     finish_reason: str | None = None  # "stop" when EOS / a stop token was sampled
     logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
 @dataclass

@@ -37,6 +37,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also this many most likely tokens (<= 20)
 
 
 @dataclass(eq=False, slots=True)

@@ -109,7 +109,10 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="serve",
+    # address="local": always a new cluster of our own, never one a `ray start` left running
+    # (ray.init() with no address would join it through /tmp/ray/ray_current_cluster).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             namespace="serve",
              runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

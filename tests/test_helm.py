@@ -287,7 +287,7 @@ BAD_VALUES = [
     ({"workers": {"replicas": -1}}, "at '/workers/replicas': minimum: got -1, want 1"),
     (
         {"policy": {"name": "fifo"}},
-        "at '/policy/name': value must be one of 'nested-wait', 'wait', 'vllm', 'sarathi'",
+        "at '/policy/name': value must be one of 'nested-wait', 'wait', 'vllm', 'vllm-v1', 'sarathi'",
     ),
     ({"workers": {"gpus": -2}}, "/workers/gpus"),
     ({"kvCache": {"gpuMemoryUtilization": 1.5}}, "/kvCache/gpuMemoryUtilization"),

@@ -7,7 +7,8 @@ all layers share. Backends: `sdpa` (torch, any device) here; `flash_attn` in fla
 picks one for `attention: auto` from the device, its compute capability, the dtype and the
 block size (`auto_backend`).
 
-SDPA on CPU, the hot path of the default deployment:
+SDPA on CPU without the C kernel (with it, every row goes through cpu_kernels.paged_decode,
+see SdpaBackend.paged_prefill):
   - a prefill chunk starting at position 0 attends only to its own tokens: causal SDPA on the
     fresh k/v, no gather at all;
   - a chunk continuing an earlier prefill gathers its blocks and uses an explicit causal mask
@@ -15,6 +16,8 @@ SDPA on CPU, the hot path of the default deployment:
   - decodes (sorted by context length) are cut into groups of similar length; each group is
     one SDPA call over KV gathered block-wise and padded to the group's longest context.
     GQA without copying KV: the g query heads sharing a KV head become g "query positions".
+  - CPU with a bf16 cache (and fp32 activations): k/v arrive and are gathered in bf16 and are
+    widened to the query's fp32 for SDPA; the C decode kernel reads bf16 pages directly.
 """
 from __future__ import annotations
 
@@ -75,31 +78,43 @@ class SdpaMeta:
 class SdpaBackend:
     name = "sdpa"
 
-    def __init__(self, max_group_padding: float = 0.15, paged_kernel: bool = True) -> None:
+    def __init__(self, max_group_padding: float = 0.15, paged_kernel: bool = True,
+                 paged_prefill: bool = True) -> None:
         # A decode group may waste this fraction of its gathered KV on padding; more groups
         # cost a few extra small calls per layer, more padding costs memory traffic.
         self.max_group_padding = max_group_padding
-        # CPU fp32: decodes go through the C kernel reading the paged cache in place.
+        # CPU: decodes go through the C kernel reading the paged cache in place...
         self.paged_kernel = paged_kernel
+        # ...and so does every prefill row, as the decode of its own token would: a token's
+        # output is then the same bits whether it was prefilled (in any chunking) or decoded,
+        # so a request recomputed after an eviction or a crash continues the very same text.
+        self.paged_prefill = paged_prefill
 
     def prepare(self, batch: StepBatch, cache: KVCache) -> SdpaMeta:
         dev, bs = batch.input_ids.device, batch.block_size
+        paged = self.paged_kernel and cache.k.device.type == "cpu" \
+            and cache.k.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
+        if paged and self.paged_prefill:
+            return SdpaMeta([], [], self._paged_decode_meta(batch.prefills + batch.decodes))
         prefills = [self._prefill_meta(s, bs, dev) for s in batch.prefills]
-        if batch.decodes and self.paged_kernel and cache.k.device.type == "cpu" \
-                and cache.k.dtype == torch.float32 and cpu_kernels.available():
+        if batch.decodes and paged:
             return SdpaMeta(prefills, [], self._paged_decode_meta(batch.decodes))
         groups = [self._group_meta(g, bs, dev) for g in self._group_decodes(batch.decodes, bs)]
         return SdpaMeta(prefills, groups)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cache: KVCache, meta: SdpaMeta) -> torch.Tensor:
-        out = torch.empty_like(q)
         k_pages, v_pages = cache.paged(layer)
+        pd = meta.paged_decode
+        if pd is not None and not meta.prefills and pd.rows == slice(0, q.shape[0]):
+            # Only decodes (the common step): the kernel's output is the whole answer.
+            return cpu_kernels.paged_decode(q, k_pages, v_pages, pd.tables, pd.lens,
+                                            q.shape[-1] ** -0.5)
+        out = torch.empty_like(q)
         for p in meta.prefills:
             out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], k_pages, v_pages, p)
         for g in meta.decode_groups:
             out[g.rows] = self._decode(q[g.rows], k_pages, v_pages, g)
-        pd = meta.paged_decode
         if pd is not None:
             out[pd.rows] = cpu_kernels.paged_decode(q[pd.rows], k_pages, v_pages, pd.tables,
                                                     pd.lens, q.shape[-1] ** -0.5)
@@ -123,6 +138,7 @@ class SdpaBackend:
         if p.blocks is not None:  # continue an earlier prefill: read all its KV from the cache
             k = k_pages.index_select(0, p.blocks).flatten(0, 1)
             v = v_pages.index_select(0, p.blocks).flatten(0, 1)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # CPU bf16 KV -> the fp32 activations (else no-op)
         # 4-D [1, heads, T, D]: torch's CPU flash kernel (GQA included) only takes 4-D inputs;
         # 3-D ones fall back to the unfused math path, 10x slower at a few hundred tokens.
         o = F.scaled_dot_product_attention(
@@ -133,13 +149,18 @@ class SdpaBackend:
 
     # -- decode ----------------------------------------------------------------------------
     @staticmethod
-    def _paged_decode_meta(decodes: list[SeqSpan]) -> PagedDecodeMeta:
-        rows = slice(decodes[0].row_start, decodes[-1].row_start + 1)
-        width = max(len(s.block_table) for s in decodes)
+    def _paged_decode_meta(spans: list[SeqSpan]) -> PagedDecodeMeta:
+        """One kernel row per token of `spans` (consecutive rows): its sequence's block table
+        and the context its own position sees."""
+        rows = slice(spans[0].row_start, spans[-1].row_start + spans[-1].num_tokens)
+        width = max(len(s.block_table) for s in spans)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
-                               for s in decodes], dtype=torch.long)
-        lens = torch.tensor([s.context_len for s in decodes], dtype=torch.long)
-        return PagedDecodeMeta(rows, tables, lens)
+                               for s in spans], dtype=torch.long)
+        if all(s.num_tokens == 1 for s in spans):  # decodes only
+            return PagedDecodeMeta(rows, tables, torch.tensor([s.context_len for s in spans]))
+        counts = torch.tensor([s.num_tokens for s in spans])
+        lens = torch.cat([torch.arange(s.start_pos + 1, s.context_len + 1) for s in spans])
+        return PagedDecodeMeta(rows, tables.repeat_interleave(counts, 0), lens)
 
     def _group_decodes(self, decodes: list[SeqSpan], bs: int) -> list[list[SeqSpan]]:
         """Cut decodes (ascending context) into runs whose padded KV wastes little."""
@@ -178,8 +199,8 @@ class SdpaBackend:
         b, h, d = q.shape
         _, bs, hkv, _ = k_pages.shape
         length = g.num_blocks * bs
-        k = k_pages.index_select(0, g.blocks).view(b, length, hkv, d).transpose(1, 2)
-        v = v_pages.index_select(0, g.blocks).view(b, length, hkv, d).transpose(1, 2)
+        k = k_pages.index_select(0, g.blocks).view(b, length, hkv, d).transpose(1, 2).to(q.dtype)
+        v = v_pages.index_select(0, g.blocks).view(b, length, hkv, d).transpose(1, 2).to(q.dtype)
         # [B, Hkv, g, D]: query heads of one KV head act as g query rows of that head.
         o = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d), k, v, attn_mask=g.mask)
         return o.reshape(b, h, d)
