@@ -66,14 +66,16 @@ class LocalEngine:
         self._done: dict[str, Completion] = {}
 
     def generate(self, prompts: list[list[int]], max_tokens: int,
-                 sampling: SamplingParams | None = None,
+                 sampling: SamplingParams | list[SamplingParams] | None = None,
                  offsets: list[float] | None = None) -> list[Completion]:
         """Run every prompt to completion; results in prompt order. Prompt i arrives
-        offsets[i] seconds after the start (default: all at once)."""
-        return asyncio.run(self._generate(prompts, max_tokens, sampling or SamplingParams(),
-                                          offsets or [0.0] * len(prompts)))
+        offsets[i] seconds after the start (default: all at once) and samples with sampling[i]
+        (one SamplingParams: the same for all)."""
+        if not isinstance(sampling, list):
+            sampling = [sampling or SamplingParams()] * len(prompts)
+        return asyncio.run(self._generate(prompts, max_tokens, sampling, offsets or [0.0] * len(prompts)))
 
-    async def _generate(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams,
+    async def _generate(self, prompts: list[list[int]], max_tokens: int, sampling: list[SamplingParams],
                         offsets: list[float]) -> list[Completion]:
         ids = [f"local-{self._next_id + i}" for i in range(len(prompts))]
         self._next_id += len(prompts)
@@ -84,7 +86,7 @@ class LocalEngine:
             await asyncio.sleep(max(0.0, start + offsets[i] - time.monotonic()))
             # TTFT counts from the scheduled arrival, as for a request reaching a busy server.
             self.core.submit(Request(ids[i], len(prompts[i]), max_tokens, start + offsets[i],
-                                     prompt_token_ids=list(prompts[i]), sampling=sampling),
+                                     prompt_token_ids=list(prompts[i]), sampling=sampling[i]),
                              time.monotonic())
             dispatcher.poke()
         while not all(rid in self._done for rid in ids):
