@@ -18,10 +18,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from itertools import count
 
 from kv.blocks import BlockPool
-from scheduler.cost import Fit, fit
+from scheduler.cost import CostModel, Fit, fit
 from scheduler.plan import Plan, ScheduledChunk
 
 PREFILL_SIZES = [16, 64, 128, 256, 512, 1024]
@@ -91,6 +92,68 @@ def calibrate(actor, quick: bool = False, repeats: int | None = None,
             pool.free(c.request_id)
     return fit(samples, kv_capacity_tokens=cap["kv_capacity_tokens"],
                block_size=cap["block_size"], name=f"{cap['model']}@{cap['device']}")
+
+
+@dataclass(frozen=True)
+class RobustFit:
+    """A cost model fitted with outliers rejected, and how sure the fit is of it."""
+
+    model: CostModel
+    r2: float
+    num_samples: int
+    num_outliers: int
+    std: dict[str, float] = field(default_factory=dict)  # bootstrap std of d0, d_tok, d_kv
+    # Bootstrap relative std of the predicted time of the samples' average step: how far the
+    # cost model itself may be off, which bounds how close any simulation of it can get.
+    rel_uncertainty: float = 0.0
+
+    def describe(self) -> str:
+        m, s = self.model, self.std
+        return (f"d0={m.d0 * 1e3:.1f}±{s.get('d0', 0) * 1e3:.1f} ms d_tok={m.d_tok * 1e6:.0f}"
+                f"±{s.get('d_tok', 0) * 1e6:.0f} us d_kv={m.d_kv * 1e9:.0f}±{s.get('d_kv', 0) * 1e9:.0f} ns"
+                f" (R^2={self.r2:.3f}, {self.num_samples} steps, {self.num_outliers} outliers dropped,"
+                f" ±{self.rel_uncertainty:.1%} on the average step)")
+
+
+def robust_fit(samples: list[tuple[int, int, float]], cut: float = 4.0, rounds: int = 6,
+               resamples: int = 200, seed: int = 0, **model_kw) -> RobustFit:
+    """`scheduler.cost.fit` with outlier rejection and a bootstrap of its uncertainty.
+
+    Timings on a shared box have a heavy upper tail (a neighbour's burst, a page fault):
+    samples whose residual is beyond `cut` robust standard deviations (1.4826 x MAD) of the
+    median residual are dropped and the rest refitted, until nothing changes. The bootstrap
+    refits `resamples` resamples of the kept samples."""
+    import numpy as np
+
+    data = np.asarray(samples, dtype=float)
+    keep = np.ones(len(data), dtype=bool)
+    for _ in range(rounds):
+        model = fit(data[keep].tolist(), **model_kw).model
+        resid = data[:, 2] - _predict(model, data)
+        center = np.median(resid[keep])
+        scale = 1.4826 * np.median(np.abs(resid[keep] - center)) or 1e-12
+        new_keep = np.abs(resid - center) <= cut * scale
+        if new_keep.sum() < 3 or (new_keep == keep).all():
+            break
+        keep = new_keep
+    final = fit(data[keep].tolist(), **model_kw)
+    rng = np.random.default_rng(seed)
+    kept = data[keep]
+    coefs = []
+    for _ in range(resamples):
+        pick = kept[rng.integers(0, len(kept), len(kept))]
+        m = fit(pick.tolist(), **model_kw).model
+        coefs.append((m.d0, m.d_tok, m.d_kv))
+    coefs_arr = np.asarray(coefs)
+    mean_step = kept[:, :2].mean(axis=0)
+    times = coefs_arr @ np.array([1.0, mean_step[0], mean_step[1]])
+    return RobustFit(final.model, final.r2, int(keep.sum()), int((~keep).sum()),
+                     dict(zip(("d0", "d_tok", "d_kv"), coefs_arr.std(axis=0).tolist())),
+                     float(times.std() / times.mean()) if times.mean() > 0 else 0.0)
+
+
+def _predict(model: CostModel, data):
+    return model.d0 + model.d_tok * data[:, 0] + model.d_kv * data[:, 1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,11 @@
 
 The same class runs in-process (tests, benchmarks) and as a Ray actor: the deploy layer wraps it
 with `ray.remote(num_gpus=..., num_cpus=...)` and names it `actor_name(i)` in namespace
-`fluidserve`. It keeps no scheduling state: a plan says what to compute and where to put the
-KV; the actor validates it, runs one forward pass, samples, and reports the time it took.
+`fluidserve`. It keeps no scheduling state, only what its resident requests are
+(`actors.request_state`): a diff plan says what changed and what to compute; the actor checks it
+against that state, runs one forward pass, samples, and reports the tokens as compact arrays
+with the time the step took. A self-contained `Plan` (tests, benchmarks, calibration, replay)
+runs statelessly.
 
 On a GPU, construction follows vLLM: load the weights, run one worst-case step
 (`max_num_batched_tokens` over `max_num_seqs` sequences) to measure the peak memory, give the
@@ -19,27 +22,25 @@ import time
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from actors.model.attention import make_backend
-from actors.model.batch import StepBatch, build_batch
+from actors.model.batch import HostStaging, StepBatch, build_batch, rows_from_plan
 from actors.model.cuda_graphs import DecodeGraphRunner
 from actors.model.llama import LlamaModel
 from actors.model.loader import load_model, resolve_device
 from actors.model.profiling import peak_step_plan, run_peak_step
 from actors.model.sampler import Sampler, SampleRow
+from actors.naming import RAY_NAMESPACE, actor_name
+from actors.request_state import RequestStates
 from kv.cache import KVCache, KVShape, PlanError
 from kv.memory import MemorySnapshot
-from scheduler.plan import Plan, StepResult
+from scheduler.plan import DiffPlan, Plan, StepResult, int_array
 
-RAY_NAMESPACE = "fluidserve"
+__all__ = ["RAY_NAMESPACE", "ModelActor", "actor_name", "step_result"]
 MAX_GRAPH_BATCH = 512  # vLLM's default largest CUDA-graph batch
 log = logging.getLogger(__name__)
-
-
-def actor_name(i: int) -> str:
-    """Name of the i-th live model actor in the Ray namespace `fluidserve`."""
-    return f"fluidserve-model-{i}"
 
 
 def _utilization(gpu_memory_utilization: float, kv_cache_memory_fraction: float | None) -> float:
@@ -83,6 +84,8 @@ class ModelActor:
             shape, block_size, self.device, loaded.dtype, kv_cache_tokens, gpu_memory_utilization,
             before, lambda: run_peak_step(self.model, self.backend, peak_plan))
         self.sampler = Sampler(c.eos_token_ids)
+        self.states = RequestStates(self.cache.num_blocks, block_size, c.max_model_len, c.vocab_size)
+        self.staging = HostStaging(self.device)
         self.graphs = self._capture_graphs(max_num_seqs, enforce_eager)
         self.steps = 0
         self.last_step_time_s = 0.0
@@ -104,23 +107,33 @@ class ModelActor:
         return self.model.forward(batch, self.cache, self.backend, meta)
 
     # -- the one hot call -------------------------------------------------------------------
-    def execute(self, plan: Plan) -> StepResult:
+    def execute(self, plan: DiffPlan | Plan) -> StepResult:
         """Run one iteration: write KV where the plan says, return the sampled tokens."""
-        start = time.perf_counter()
-        self._validate(plan)
-        tokens = []
-        if plan.chunks:
-            batch = build_batch(plan, self.device)
+        started_at, start = time.monotonic(), time.perf_counter()
+        if isinstance(plan, DiffPlan):
+            rows, epoch = self.states.apply(plan), plan.epoch
+        else:
+            self._validate(plan)
+            rows, epoch = rows_from_plan(plan), 0
+        tokens: list = []
+        if len(rows.slots):
+            batch = build_batch(rows, self.device, self.cache.block_size, self.staging)
             meta = self.backend.prepare(batch, self.cache)
             logits = self._forward(batch, meta)
-            rows = [SampleRow(plan.chunks[i].request_id, plan.chunks[i].sampling,
-                              plan.chunks[i].context_len) for i in batch.sample_chunks]
-            tokens = self.sampler(logits, rows)
+            context = rows.context_lens
+            sample_rows = [SampleRow(rows.request_ids[i], rows.sampling[i], int(context[i]))
+                           for i in batch.sample_chunks]
+            tokens = self.sampler(logits, sample_rows)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if isinstance(plan, DiffPlan):
+            self.states.advance(rows, np.array([t.token_id for t in tokens], dtype=np.int64))
         self.steps += 1
         self.last_step_time_s = time.perf_counter() - start
-        return StepResult(plan.worker, plan.iteration, tokens, self.last_step_time_s)
+        result = step_result(plan.worker, plan.iteration, epoch, tokens, self.last_step_time_s, started_at)
+        if isinstance(plan, Plan):
+            result.request_ids = [t.request_id for t in tokens]
+        return result
 
     def logits(self, plan: Plan) -> torch.Tensor:
         """fp32 logits of the plan's sampled rows, in plan order, without sampling: what
@@ -168,3 +181,12 @@ class ModelActor:
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+
+def step_result(worker: int, iteration: int, epoch: int, tokens: list, step_time_s: float,
+                started_at: float) -> StepResult:
+    """The compact result of a step from the sampler's per-row tokens."""
+    stops = int_array(i for i, t in enumerate(tokens) if t.finish_reason)
+    logprobs = [t.logprob for t in tokens] if any(t.logprob is not None for t in tokens) else None
+    return StepResult(worker, iteration, int_array(t.token_id for t in tokens), stops,
+                      step_time_s, logprobs, epoch, started_at, time.monotonic())

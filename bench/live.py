@@ -23,16 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from actors.calibrate import RobustFit, robust_fit
 from bench import serve as loadgen
 from scheduler import fluid
-from scheduler.cost import CostModel, Fit, fit
+from scheduler.cost import CostModel
 from scheduler.experiment import build_workload, run_policy
 from scheduler.policies import POLICY_NAMES, WorkloadHint
 from scheduler.simulate import LATENCY_KEYS
@@ -47,7 +47,11 @@ COMPARED_KEYS = ("throughput_tok_s", *LATENCY_KEYS, "completed", "submitted")
 PREFILL_PROBES = (16, 64, 256)
 DECODE_PROBES = ((1, 32), (8, 32), (32, 32), (8, 160))
 PROBE_OUTPUT = 16
-PROBE_REPEATS = 2
+PROBE_REPEATS = 4
+# Then requests of the benchmark's own workload (another seed) at this load of the first fit, so
+# that the final fit covers the batch shapes the runs will see instead of extrapolating to them.
+WORKLOAD_PROBE_LOAD = 0.6
+WORKLOAD_PROBE_REQUESTS = 30
 
 # deploy(app_args) -> base URL of the running app (deploy.local.start, or a test fixture).
 Deployer = Callable[[dict], str]
@@ -70,6 +74,7 @@ class LiveConfig:
     # Re-fit before every rate: on a shared box the speed drifts (the loads stay the first
     # calibration's, so all policies see the same arrivals; the policies of one rate share a fit).
     calibrate_each: bool = False
+    calibration_repeats: int = PROBE_REPEATS
     out_dir: Path = RESULTS_DIR
     port: int = 8000
     progress: bool = True
@@ -82,47 +87,47 @@ def model_slug(model: str) -> str:
     return model.replace(":", "-").replace("/", "_")
 
 
-def _lone_ttft(url: str, prompt_len: int, index: int) -> float:
-    o = loadgen.run_sync(url, [Arrival(0.0, prompt_len, 2)], index_base=index)[0]
-    if not o.ok:
-        raise RuntimeError(f"calibration request failed: {o.error}")
-    return o.first_token - o.sent
-
-
-def _decode_step(url: str, batch: int, prompt: int, index: int) -> tuple[int, int, float]:
-    """`batch` identical requests at once: they prefill together, then decode in lockstep, so
-    their time per output token is one live iteration of `batch` decodes."""
-    arrivals = [Arrival(0.0, prompt, PROBE_OUTPUT)] * batch
-    outs = loadgen.run_sync(url, arrivals, index_base=index)
+def _probe(url: str, batch: int, prompt: int, output: int, index: int) -> None:
+    """`batch` identical requests at once: they prefill together, then decode in lockstep."""
+    outs = loadgen.run_sync(url, [Arrival(0.0, prompt, output)] * batch, index_base=index)
     bad = [o.error for o in outs if not o.ok]
     if bad:
         raise RuntimeError(f"calibration request failed: {bad[0]}")
-    tpot = statistics.median((o.end - o.first_token) / (o.tokens - 1) for o in outs)
-    return batch, batch * (prompt + PROBE_OUTPUT // 2), tpot
 
 
-def calibrate_live(url: str, config: LiveConfig) -> Fit:
-    """Fit the cost model to what the live system does per iteration, end to end: lone prefills
-    (time to first token) and lockstep decode batches (time per output token), measured through
-    the API under a work-conserving policy. So d0 holds the Ray round trip, plan and commit, and
-    d_tok the per-token streaming work that shares the CPU with the model."""
+def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
+    """Fit the cost model to the live system's own iterations: probes (lone prefills, lockstep
+    decode batches of two contexts, then a slice of the benchmark's workload) sent through the
+    API while the scheduler records every step's new tokens, attended KV and period on its
+    model actor (the step's time plus the gap before it when the next step was already queued:
+    what an iteration costs a request). The fit drops outliers (a neighbour's burst on a shared
+    box) and reports its own uncertainty; the samples are saved beside the cost file."""
+    from ray import serve
+
+    scheduler = serve.get_deployment_handle("Scheduler", app_name="fluidserve")
     cap = live_capacity()
-    samples: list[tuple[int, int, float]] = []
+    model_kw = {"kv_capacity_tokens": cap["kv_capacity_tokens"], "block_size": cap["block_size"],
+                "name": f"{config.model}@live"}
+    scheduler.dispatch_stats.remote(reset=True).result()
     index = 100_000
-    for prompt in sorted({min(p, config.max_prompt) for p in PREFILL_PROBES}):
-        for _ in range(PROBE_REPEATS):
+    for _ in range(config.calibration_repeats):
+        for prompt in sorted({min(p, config.max_prompt) for p in PREFILL_PROBES}):
             index += 1
-            samples.append((prompt, 0, _lone_ttft(url, prompt, index)))
-    for batch, prompt in DECODE_PROBES:
-        for _ in range(PROBE_REPEATS):
+            _probe(url, 1, prompt, 2, index)
+        for batch, prompt in DECODE_PROBES:
             index += batch
-            samples.append(_decode_step(url, batch, min(prompt, config.max_prompt), index))
-    fitted = fit(samples, kv_capacity_tokens=cap["kv_capacity_tokens"], block_size=cap["block_size"],
-                 name=f"{config.model}@live")
-    m = fitted.model
-    _log(config, f"live calibration of {config.model}: d0={m.d0 * 1e3:.1f} ms d_tok={m.d_tok * 1e6:.0f} us "
-                 f"d_kv={m.d_kv * 1e9:.0f} ns R^2={fitted.r2:.3f} over {fitted.num_samples} probes; "
-                 f"KV {m.kv_capacity_tokens} tokens")
+            _probe(url, batch, min(prompt, config.max_prompt), PROBE_OUTPUT, index)
+    first = robust_fit(scheduler.dispatch_stats.remote(samples=True).result()["samples"], **model_kw)
+    probe = replace(config, seed=config.seed + 1000, num_requests=WORKLOAD_PROBE_REQUESTS)
+    rate = WORKLOAD_PROBE_LOAD / load_per_rate(arrivals_at(probe, 1.0), first.model)
+    outs = loadgen.run_sync(url, arrivals_at(probe, rate), index_base=index + 1)
+    if any(not o.ok for o in outs):
+        raise RuntimeError(f"calibration request failed: {next(o.error for o in outs if not o.ok)}")
+    samples = scheduler.dispatch_stats.remote(samples=True).result()["samples"]
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    (config.out_dir / f"cost-{model_slug(config.model)}-live-samples.json").write_text(json.dumps(samples) + "\n")
+    fitted = robust_fit(samples, **model_kw)
+    _log(config, f"live calibration of {config.model}: {fitted.describe()}; KV {cap['kv_capacity_tokens']} tokens")
     return fitted
 
 
@@ -170,6 +175,8 @@ def app_args(config: LiveConfig, policy: str, cost_file: Path | None) -> dict:
         "model_actor_resources": {"num_cpus": 1, "num_gpus": 0},
         "kv_cache_tokens": config.kv_cache_tokens,
         "cost_file": str(cost_file) if cost_file and policy in THRESHOLD_POLICIES else None,
+        # The policy keeps the calibrated model the simulator runs with (no online refit).
+        "online_cost_fit": False,
     }
 
 
@@ -228,14 +235,13 @@ def run(config: LiveConfig, deploy: Deployer | None = None) -> dict:
     cost = CostModel.load(config.cost_file) if config.cost_file else None
     if cost is not None:
         cost.save(cost_file)
-    r2 = None
+    fits: list[RobustFit] = []
 
     def calibrate() -> CostModel:
-        nonlocal r2
         # Under a work-conserving policy: a calibration must not see a threshold policy idle.
         fitted = calibrate_live(deploy(app_args(config, "vllm", None)), config)
         fitted.model.save(cost_file)
-        r2 = fitted.r2
+        fits.append(fitted)
         return fitted.model
 
     cost = cost or calibrate()
@@ -247,11 +253,20 @@ def run(config: LiveConfig, deploy: Deployer | None = None) -> dict:
         # The policies side by side at each rate: this box's speed drifts over minutes, and
         # the comparison must not depend on which policy ran when.
         for policy in config.policies:
-            runs.append(run_one(config, policy, deploy(app_args(config, policy, cost_file)), cost, rate, load))
+            run = run_one(config, policy, deploy(app_args(config, policy, cost_file)), cost, rate, load)
+            if fits:
+                run["calibration"] = calibration_report(fits[-1])
+            runs.append(run)
     runs.sort(key=lambda r: (config.policies.index(r["policy"]), r["rate"]))
-    return {"model": config.model, "cost": asdict(cost), "cost_r2": r2, "cost_file": str(cost_file),
+    return {"model": config.model, "cost": asdict(cost), "cost_r2": fits[-1].r2 if fits else None,
+            "calibration": calibration_report(fits[-1]) if fits else None, "cost_file": str(cost_file),
             "num_requests": config.num_requests, "max_prompt": config.max_prompt,
             "max_output": config.max_output, "runs": runs}
+
+
+def calibration_report(fitted: RobustFit) -> dict:
+    return {"r2": fitted.r2, "steps": fitted.num_samples, "outliers": fitted.num_outliers,
+            "std": fitted.std, "rel_uncertainty": fitted.rel_uncertainty}
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -273,8 +288,8 @@ def markdown(out: dict) -> str:
          f"KV {c['kv_capacity_tokens']} tokens (each row's own d0 in the table)."),
         "",
         ("| policy | rate (req/s) | load | live mean (s) | sim mean (s) | live p90 (s) | sim p90 (s) "
-         "| live TTFT (s) | sim TTFT (s) | live tok/s | sim tok/s | done | sim d0 (ms) | sim error |"),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+         "| live TTFT (s) | sim TTFT (s) | live tok/s | sim tok/s | done | sim d0 (ms) | cost model ± | sim error |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in out["runs"]:
         lv, sm = r["live"], r["sim"]
@@ -283,8 +298,14 @@ def markdown(out: dict) -> str:
             f"{sm['latency_mean_s']:.2f} | {lv['latency_p90_s']:.2f} | {sm['latency_p90_s']:.2f} | "
             f"{lv['ttft_mean_s']:.2f} | {sm['ttft_mean_s']:.2f} | {lv['throughput_tok_s']:.1f} | "
             f"{sm['throughput_tok_s']:.1f} | {lv['completed']}/{lv['submitted']} | "
-            f"{r['cost']['d0'] * 1e3:.0f} | {r['sim_error']:.0%} |")
+            f"{r['cost']['d0'] * 1e3:.0f} | {_uncertainty(r)} | {r['sim_error']:.0%} |")
     return "\n".join(lines) + "\n"
+
+
+def _uncertainty(run: dict) -> str:
+    """The calibration's bootstrap uncertainty on the average step (a cost file given: -)."""
+    cal = run.get("calibration")
+    return f"{cal['rel_uncertainty']:.1%}" if cal else "-"
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -346,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-tokens", type=int, default=16384)
     p.add_argument("--cost-file", help="reuse this live calibration (e.g. a cost-*-live.json an "
                    "earlier run wrote to --out-dir) instead of calibrating; only on the same box")
+    p.add_argument("--calibration-repeats", type=int, default=PROBE_REPEATS,
+                   help="rounds of calibration probes (more: a tighter fit, a longer calibration)")
     p.add_argument("--calibrate-each", action="store_true",
                    help="re-fit the cost model before every rate (a shared, drifting box)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -361,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         types=args.types, num_requests=args.num_requests, seed=args.seed, model=args.model,
         max_prompt=args.max_prompt, max_output=args.max_output, kv_cache_tokens=args.kv_cache_tokens,
         cost_file=args.cost_file, calibrate_each=args.calibrate_each,
+        calibration_repeats=args.calibration_repeats,
         out_dir=args.out_dir, port=args.port,
         progress=sys.stderr.isatty(),
     )

@@ -13,6 +13,7 @@ from typing import Any
 from ray import serve
 
 from actors.scheduler_actor import EngineArgs, SchedulerActor
+from actors.sim_actor import is_sim_model, output_length_sample, sim_cost
 from deploy.ingress import DEFAULT_MAX_BODY_BYTES, Ingress
 from deploy.tokenizer import served_model_name
 from scheduler.policies import POLICY_NAMES
@@ -47,6 +48,13 @@ class AppArgs(EngineArgs):
             raise ValueError("num_model_actors must be at least 1")
         if not out.stream_interval_s >= 0:
             raise ValueError(f"stream_interval_s must be >= 0, got {out.stream_interval_s}")
+        if out.dispatch_depth < 1:
+            raise ValueError(f"dispatch_depth must be at least 1, got {out.dispatch_depth}")
+        if not out.metrics_refresh_s >= 0:
+            raise ValueError(f"metrics_refresh_s must be >= 0, got {out.metrics_refresh_s}")
+        if is_sim_model(out.model):
+            sim_cost(out.model)  # an unknown preset or a missing cost file fails here, clearly
+            output_length_sample(out.sim_output_lengths)
         return out
 
     def engine_args(self) -> EngineArgs:

@@ -152,7 +152,7 @@ def cmd_bench(args) -> int:
     import importlib
 
     modules = {"paper": "bench.paper", "serve": "bench.serve", "live": "bench.live",
-               "engine": "bench.engine", "policies": "bench.policies"}
+               "engine": "bench.engine", "policies": "bench.policies", "scale": "bench.scale"}
     module = importlib.import_module(modules[args.which])
     return module.main(args.rest) or 0
 
@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("bench", help="benchmarks: paper, policies, serve, live, engine")
-    p.add_argument("which", choices=["paper", "policies", "serve", "live", "engine"])
+    p = sub.add_parser("bench", help="benchmarks: paper, policies, serve, live, engine, scale")
+    p.add_argument("which", choices=["paper", "policies", "serve", "live", "engine", "scale"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser

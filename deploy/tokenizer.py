@@ -17,8 +17,9 @@ def load_tokenizer(model: str) -> Any:
 
     from actors.model.loader import convert_gguf, default_gguf_path
 
-    if model == "default" or model.startswith("random:"):
-        # Random shapes use the default model's vocabulary, so its tokenizer serves them.
+    if model == "default" or model.startswith(("random:", "sim:")):
+        # Random shapes and simulated models use the default model's vocabulary, so its
+        # tokenizer serves them.
         return AutoTokenizer.from_pretrained(str(convert_gguf(Path(default_gguf_path()))))
     if model.endswith(".gguf"):
         return AutoTokenizer.from_pretrained(str(convert_gguf(Path(model).expanduser())))

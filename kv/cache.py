@@ -3,9 +3,11 @@
 Layout per layer: `[num_blocks, block_size, kv_heads, head_dim]` for K and for V (flash-attn's
 paged layout), stored as one `[num_layers, ...]` tensor each. Slot `s` is token `s % block_size`
 of block `s // block_size`. The scheduler's `kv.blocks.BlockPool` owns which blocks belong to
-whom; this class only writes where a plan's slot mapping says, after checking that every slot
-lies inside the writing request's own blocks. On CUDA one Triton kernel (kv/triton_store.py)
-writes a layer's K and V; `from_budget` sizes the cache like vLLM (kv/memory.py).
+whom; this class only writes where a step's slot mapping says. Diff plans are checked against
+the actor's own copy of every block table (`kv.tables`); a self-contained `Plan` is checked here,
+with numpy over the whole plan: every slot lies inside the writing request's own blocks. On CUDA
+one Triton kernel (kv/triton_store.py) writes a layer's K and V; `from_budget` sizes the cache
+like vLLM (kv/memory.py).
 """
 from __future__ import annotations
 
@@ -14,16 +16,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kv.memory import KVBudget, MemorySnapshot, profile_peak
+from kv.tables import PlanError
 from scheduler.plan import Plan
 
+__all__ = ["KVCache", "KVShape", "PlanError", "validate_plan"]
 log = logging.getLogger(__name__)
-
-
-class PlanError(ValueError):
-    """A plan that cannot be executed as given (blocks outside the cache, inconsistent slots)."""
 
 
 @dataclass(frozen=True)
@@ -122,36 +123,49 @@ class KVCache:
 
 
 def validate_plan(plan: Plan, num_blocks: int, block_size: int) -> None:
+    """Raise PlanError unless every chunk of a self-contained plan writes only inside its own
+    blocks, no two chunks write one slot, and its lengths agree."""
     if plan.block_size != block_size:
         raise PlanError(f"plan block_size {plan.block_size} != the cache's {block_size}")
-    seen_requests: set[str] = set()
-    seen_slots: set[int] = set()
+    ids = [c.request_id for c in plan.chunks]
+    if len(set(ids)) != len(ids):
+        twice = next(r for r in ids if ids.count(r) > 1)
+        raise PlanError(f"{twice}: appears twice in plan {plan.iteration}")
     for chunk in plan.chunks:
-        rid = chunk.request_id
-        if rid in seen_requests:
-            raise PlanError(f"{rid}: appears twice in plan {plan.iteration}")
-        seen_requests.add(rid)
-        n = chunk.num_tokens
-        if n <= 0 or len(chunk.token_ids) != n or len(chunk.slot_mapping) != n:
-            raise PlanError(f"{rid}: num_tokens {n}, {len(chunk.token_ids)} token ids and "
-                            f"{len(chunk.slot_mapping)} slots must agree and be positive")
-        if chunk.start_pos < 0:
-            raise PlanError(f"{rid}: negative start_pos {chunk.start_pos}")
-        table = chunk.block_table
-        bad = [b for b in table if not 0 <= b < num_blocks]
-        if bad:
-            raise PlanError(f"{rid}: block ids {bad[:4]} outside the cache's {num_blocks} blocks")
-        if len(table) * block_size < chunk.context_len:
-            raise PlanError(f"{rid}: {len(table)} blocks cannot hold {chunk.context_len} tokens")
-        # Each slot must be exactly where the request's own table puts that position: this is
-        # what guarantees a plan never overwrites another request's KV.
-        start = chunk.start_pos
-        for j, slot in enumerate(chunk.slot_mapping):
-            p = start + j
-            if slot != table[p // block_size] * block_size + p % block_size:
-                raise PlanError(f"{rid}: slot {slot} of position {p} is not in its block table")
-        if len(set(table)) != len(table):
-            raise PlanError(f"{rid}: block table repeats a block")
-        if not seen_slots.isdisjoint(chunk.slot_mapping):
-            raise PlanError(f"{rid}: writes a slot another request in the plan also writes")
-        seen_slots.update(chunk.slot_mapping)
+        _check_chunk(chunk, num_blocks, block_size)
+    if not plan.chunks:
+        return
+    # Each slot must be exactly where the request's own table puts that position: this is what
+    # guarantees a plan never overwrites another request's KV.
+    slots = np.concatenate([np.asarray(c.slot_mapping, dtype=np.int64) for c in plan.chunks])
+    expected = np.concatenate([_slots_of(c, block_size) for c in plan.chunks])
+    bad = slots != expected
+    if bad.any():
+        k = int(np.argmax(bad))
+        owner = plan.chunks[int(np.searchsorted(np.cumsum([c.num_tokens for c in plan.chunks]), k, "right"))]
+        raise PlanError(f"{owner.request_id}: slot {int(slots[k])} is not in its block table")
+    if len(np.unique(slots)) != len(slots):
+        raise PlanError("a chunk writes a slot another request in the plan also writes")
+
+
+def _check_chunk(chunk, num_blocks: int, block_size: int) -> None:
+    rid, n = chunk.request_id, chunk.num_tokens
+    if n <= 0 or len(chunk.token_ids) != n or len(chunk.slot_mapping) != n:
+        raise PlanError(f"{rid}: num_tokens {n}, {len(chunk.token_ids)} token ids and "
+                        f"{len(chunk.slot_mapping)} slots must agree and be positive")
+    if chunk.start_pos < 0:
+        raise PlanError(f"{rid}: negative start_pos {chunk.start_pos}")
+    table = np.asarray(chunk.block_table, dtype=np.int64)
+    bad = table[(table < 0) | (table >= num_blocks)]
+    if len(bad):
+        raise PlanError(f"{rid}: block ids {bad[:4].tolist()} outside the cache's {num_blocks} blocks")
+    if len(table) * block_size < chunk.context_len:
+        raise PlanError(f"{rid}: {len(table)} blocks cannot hold {chunk.context_len} tokens")
+    if len(np.unique(table)) != len(table):
+        raise PlanError(f"{rid}: block table repeats a block")
+
+
+def _slots_of(chunk, block_size: int) -> np.ndarray:
+    positions = np.arange(chunk.start_pos, chunk.context_len)
+    return np.asarray(chunk.block_table, dtype=np.int64)[positions // block_size] * block_size \
+        + positions % block_size

@@ -3,13 +3,24 @@
 The same core runs in the live scheduler actor and in the simulator:
 
     core.submit(request, now)                 # or raises a SchedulingError
-    plan = core.plan(worker, now)             # None: nothing to run now (see next_wake)
-    events = core.commit(plan, result, now)   # tokens appended, finished requests freed
+    batch = core.plan(worker, now)            # None: nothing to run now (see next_wake)
+    events = core.commit(batch, result, now)  # tokens appended, finished requests freed
 
 KV is accounted per model actor with a `BlockPool`. When a batch would not fit, the newest
 admissions are dropped from it and then resident requests are evicted, the policy's `victim`
 first (LIFO unless the policy says otherwise; their KV is freed and they re-prefill prompt +
 generated tokens later): the pool is never over-committed.
+
+Planning may run ahead of execution (vLLM v1's async scheduling): `plan` applies a batch's
+effects at once, as if it had run: `num_computed_tokens` advances, and every row that samples
+adds an output placeholder (`num_pending`) that `num_generated`, the request's stage and
+`total_len` already count. So the next `plan`, made while this batch still runs, sees every
+request as it will be after it; a request whose last token (by `max_tokens`, its known output
+length or the context) is in flight is in no stage and is not scheduled again. `commit`
+reconciles: it fills the placeholders with the sampled tokens, finishes requests that hit EOS or
+a stop token (dropping their placeholders: tokens sampled for them in later batches are
+discarded), and returns requests evicted with tokens in flight (`parked`) to the restart queue
+once those are back. The simulator plans and commits in turn, which is the same code.
 """
 from __future__ import annotations
 
@@ -17,12 +28,13 @@ from dataclasses import dataclass
 
 from kv.blocks import BlockPool
 from scheduler.errors import DuplicateRequest, QueueFull, RequestTooLong, SchedulingError
-from scheduler.plan import Plan, ScheduledChunk, StepResult
+from scheduler.plan import ScheduledBatch, StepResult
 from scheduler.policies.base import Batch, Policy
 from scheduler.queues import GroupQueues, WorkerQueues
 from scheduler.request import Request, RequestState
+from scheduler.rows import _RUNNING, RowScheduling
 
-_NONE: list[int] = []  # shared empty list for unmaterialized chunks (never mutated)
+_FINISHED, _CANCELLED = RequestState.FINISHED, RequestState.CANCELLED  # `is` tests: no enum hashing
 
 
 @dataclass(slots=True)
@@ -35,7 +47,7 @@ class TokenEvent:
     logprob: float | None = None
 
 
-class SchedulerCore:
+class SchedulerCore(RowScheduling):
     def __init__(
         self,
         policy: Policy,
@@ -50,7 +62,7 @@ class SchedulerCore:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_queue_len = max_queue_len  # 0: unbounded
-        # The simulator needs no token ids, block tables or slots: skipping them keeps it fast.
+        # The simulator sends no plans: skipping the wire form (token ids, blocks) keeps it fast.
         self.materialize = materialize
         self.workers = [
             WorkerQueues(i, BlockPool(n, block_size), [GroupQueues() for _ in range(policy.num_groups)])
@@ -61,7 +73,7 @@ class SchedulerCore:
         self.num_guard_fires = 0
         self._admissions = 0
         self._iterations = [0] * len(blocks)
-        self._last_batch: list[set[str]] = [set() for _ in blocks]
+        self._last_batch: list[list[Request]] = [[] for _ in blocks]
 
     # -- submission ------------------------------------------------------------------------
     def check(self, prompt_len: int, max_tokens: int) -> None:
@@ -102,10 +114,9 @@ class SchedulerCore:
         return min(self.workers, key=lambda w: w.num_waiting + w.num_resident).worker
 
     # -- planning --------------------------------------------------------------------------
-    def plan(self, worker: int, now: float) -> Plan | None:
+    def plan(self, worker: int, now: float) -> ScheduledBatch | None:
+        """The next batch of `worker`, planned as if every batch in flight had run."""
         q = self.workers[worker]
-        if q.busy:
-            raise RuntimeError(f"worker {worker} already has a plan in flight")
         if not q.has_work():
             return None
         batch, evicted = self._fit(q, self.policy.select(q, now))
@@ -119,11 +130,23 @@ class SchedulerCore:
             self.num_guard_fires += bool(batch)
         if not batch:
             return None
-        self._mark_paused(worker, {req.request_id for req, _ in batch})
-        chunks = [self._schedule(q, req, n, now) for req, n in batch]
-        q.busy = True
-        self._iterations[worker] += 1
-        return Plan(worker, self._iterations[worker], chunks, self.block_size, evicted)
+        iteration = self._iterations[worker] + 1
+        step = ScheduledBatch(worker, iteration, q.epoch, evicted, self._wire(q, iteration))
+        for req, n in batch:
+            if req.slot >= 0 and req.num_computed_tokens >= req.prefill_target:
+                self._decode(q, req, step)
+            else:
+                self._schedule(q, req, n, now, step)
+        if not step.requests:  # every row was a request whose last token is in flight
+            self._unwire(q, step.wire)
+            return None
+        self._mark_paused(worker, step)
+        if step.wire is not None:
+            step.wire.set_rows([r.slot for r in step.requests], step.num_tokens, step.start_pos)
+        self._iterations[worker] = iteration
+        q.last_sent = (q.epoch, iteration)
+        q.in_flight += 1
+        return step
 
     def next_wake(self, worker: int) -> float | None:
         """When the starvation guard would run work that the policy holds back now."""
@@ -172,118 +195,110 @@ class SchedulerCore:
         return [b for i, b in enumerate(batch) if i not in dropped], evicted
 
     def _evict(self, q: WorkerQueues, req: Request) -> None:
-        self._release(q, req)
+        self._release(q, req, evicted=True)
+        req.num_evictions += 1
+        self.num_evictions += 1
+        if req.num_pending:
+            # Tokens of batches in flight are still to come (they ran on its KV before this
+            # eviction reaches the actor): it re-prefills once they are back.
+            req.num_computed_tokens = 0
+            req.state = RequestState.WAITING
+            q.parked[req.request_id] = req
+        else:
+            self._requeue(q, req)
+
+    def _requeue(self, q: WorkerQueues, req: Request) -> None:
+        """Back to the restart queue: re-prefill the prompt plus every generated token."""
         req.num_computed_tokens = 0
         req.prefill_target = req.total_len
-        req.num_evictions += 1
         req.state = RequestState.WAITING
         q.restart[req.request_id] = req
-        self.num_evictions += 1
 
-    def _release(self, q: WorkerQueues, req: Request) -> None:
-        """Drop a request from every resident index of its worker and free its KV."""
+    def _release(self, q: WorkerQueues, req: Request, evicted: bool = False) -> None:
+        """Drop a request from every resident index of its worker and free its KV and slot."""
         q.pool.free(req.request_id)
         q.resident.pop(req.request_id, None)
         q.prefilling.pop(req.request_id, None)
         q.groups[req.group].remove_decoder(req)
+        if req.slot >= 0:
+            q.slots.release(req.slot, evicted)
+            req.slot = -1
 
-    def _mark_paused(self, worker: int, batch_ids: set[str]) -> None:
-        for rid in self._last_batch[worker] - batch_ids:
-            req = self.requests.get(rid)
-            if req is not None and req.state is RequestState.RUNNING:
+    def _mark_paused(self, worker: int, step: ScheduledBatch) -> None:
+        """Residents of the previous batch left out of this one are paused."""
+        iteration, since = step.iteration, self.workers[worker].idle_since
+        for req in self._last_batch[worker]:
+            if req.planned_iteration != iteration and req.state is _RUNNING:
                 req.state = RequestState.PAUSED
-                req.waiting_since = self.workers[worker].idle_since
-        self._last_batch[worker] = batch_ids
-
-    def _schedule(self, q: WorkerQueues, req: Request, n: int, now: float) -> ScheduledChunk:
-        rid = req.request_id
-        if not q.pool.has(rid):
-            q.restart.pop(rid, None)
-            q.groups[req.group].waiting.pop(rid, None)
-            q.resident[rid] = req
-            self._admissions += 1
-            req.admitted_seq = self._admissions
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-        start = req.num_computed_tokens
-        is_prefill = req.in_prefill
-        n = min(n, req.prefill_target - start) if is_prefill else 1
-        q.pool.reserve(rid, start + n)
-        sample = not is_prefill or start + n >= req.prefill_target
-        if is_prefill and not sample:
-            q.prefilling[rid] = req
-        req.state = RequestState.RUNNING
-        if not self.materialize:
-            return ScheduledChunk(rid, _NONE, start, n, _NONE, _NONE, sample, req.sampling, is_prefill)
-        return ScheduledChunk(
-            request_id=rid,
-            token_ids=req.token_ids(start, start + n),
-            start_pos=start,
-            num_tokens=n,
-            block_table=list(q.pool.block_table(rid)),
-            slot_mapping=q.pool.slot_mapping(rid, start, start + n),
-            sample=sample,
-            sampling=req.sampling,
-            is_prefill=is_prefill,
-        )
+                req.waiting_since = since
+        self._last_batch[worker] = step.requests
 
     # -- commit ----------------------------------------------------------------------------
-    def commit(self, plan: Plan, result: StepResult, now: float) -> list[TokenEvent]:
-        """Apply one executed iteration: advance stages, append tokens, finish and free."""
-        q = self.workers[plan.worker]
-        q.busy = False
+    def commit(self, step: ScheduledBatch, result: StepResult, now: float) -> list[TokenEvent]:
+        """Apply one executed batch: fill its placeholders with tokens, finish and free."""
+        q = self.workers[step.worker]
+        if q.in_flight:
+            q.in_flight -= 1
         q.idle_since = now
-        sampled = iter(result.tokens)
+        if step.epoch != q.epoch:
+            return []  # the actor's state was reset since: these tokens are void
+        token_ids = result.token_ids
+        stops = set(result.stop_rows) if len(result.stop_rows) else None
+        logprobs = result.logprobs
         events: list[TokenEvent] = []
-        requests, has_kv, groups = self.requests, q.pool.has, q.groups
-        for chunk in plan.chunks:
-            token = next(sampled) if chunk.sample else None
-            req = requests.get(chunk.request_id)
-            # Finished, cancelled and evicted requests hold no KV: this one skip covers a
-            # request cancelled while the iteration ran.
-            if req is None or not has_kv(chunk.request_id):
+        append = events.append
+        for i, req in enumerate(step.sampled):
+            # Finished (EOS in an earlier batch) or cancelled since: the token is void.
+            state = req.state
+            if state is _FINISHED or state is _CANCELLED:
                 continue
-            if not chunk.is_prefill:
-                groups[req.group].remove_decoder(req)
-            req.num_computed_tokens += chunk.num_tokens
-            if token is None:
-                continue
-            if chunk.is_prefill:
-                q.prefilling.pop(req.request_id, None)
-            event = self._append_token(q, req, token.token_id, token.finish_reason, now)
-            event.logprob = token.logprob
-            events.append(event)
+            token = token_ids[i]
+            pending = req.num_pending - 1
+            req.num_pending = pending
+            if token >= 0:
+                req.output_token_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.last_token_time = now
+            reason = "stop" if stops and i in stops else None
+            if reason or req.num_generated - pending >= req.gen_limit or req.slot < 0:
+                reason = self._settle(q, req, reason, now)
+            event = TokenEvent(req, token, reason)
+            if logprobs is not None:
+                event.logprob = logprobs[i]
+            append(event)
         return events
 
-    def _append_token(
-        self, q: WorkerQueues, req: Request, token_id: int, reason: str | None, now: float
-    ) -> TokenEvent:
-        if token_id >= 0:
-            req.output_token_ids.append(token_id)
-        req.num_generated += 1
-        if req.first_token_time is None:
-            req.first_token_time = now
-        req.last_token_time = now
-        if reason is None:  # the length limits (inline: this runs once per token)
-            n = req.num_generated
-            if req.output_len is not None and n >= req.output_len:
-                reason = "stop"  # simulated EOS at the request's true output length
-            elif n >= req.max_tokens or (self.max_model_len is not None and req.total_len >= self.max_model_len):
-                reason = "length"
+    def _settle(self, q: WorkerQueues, req: Request, reason: str | None, now: float) -> str | None:
+        """A committed token that ends the request, or the last one an evicted request waited
+        for; returns the finish reason."""
+        if reason is None and req.num_generated - req.num_pending >= req.gen_limit:
+            # A known output length is a simulated EOS; max_tokens or the context: "length".
+            n = req.num_generated - req.num_pending
+            reason = "stop" if req.output_len is not None and n >= req.output_len else "length"
         if reason:
             self._finish(q, req, reason, now)
-        else:
-            q.groups[req.group].add_decoder(req)
-        return TokenEvent(req, token_id, reason)
+        elif req.slot < 0 and not req.num_pending:  # evicted while this token was in flight
+            del q.parked[req.request_id]
+            self._requeue(q, req)
+        return reason
 
     def _finish(self, q: WorkerQueues, req: Request, reason: str, now: float) -> None:
         self._release(q, req)
+        q.parked.pop(req.request_id, None)
+        self._drop_placeholders(req)
         req.state = RequestState.CANCELLED if reason == "cancelled" else RequestState.FINISHED
         req.finish_reason = reason
         req.finish_time = now
         del self.requests[req.request_id]
         if reason != "cancelled":
             self.policy.on_finish(req, now)
+
+    @staticmethod
+    def _drop_placeholders(req: Request) -> None:
+        """Tokens scheduled but never to be committed no longer count as generated."""
+        req.num_generated -= req.num_pending
+        req.num_pending = 0
 
     # -- cancellation and faults -----------------------------------------------------------
     def cancel(self, request_id: str, now: float) -> Request | None:
@@ -298,16 +313,21 @@ class SchedulerCore:
         return req
 
     def reset_worker(self, worker: int, now: float) -> list[Request]:
-        """A model actor died: its KV is gone. Every resident request re-prefills from its
-        prompt plus the tokens it already generated, so streams continue where they were."""
+        """A model actor lost its state (it died, or a step failed): every batch in flight is
+        void. Every resident request re-prefills from its prompt plus the tokens it already
+        generated (placeholders dropped), so streams continue where they were."""
         q = self.workers[worker]
-        q.busy = False
+        q.in_flight = 0
         q.idle_since = now
-        affected = list(q.resident.values())  # admission order: oldest re-prefills first
+        q.epoch += 1
+        affected = list(q.parked.values()) + list(q.resident.values())  # oldest first
         for req in affected:
-            self._evict(q, req)
-        self.num_evictions -= len(affected)  # a crash is not a memory eviction
-        self._last_batch[worker] = set()
+            self._release(q, req)
+            self._drop_placeholders(req)
+            self._requeue(q, req)
+        q.parked.clear()
+        q.slots.reset()
+        self._last_batch[worker] = []
         return affected
 
     # -- state for metrics and tests -------------------------------------------------------

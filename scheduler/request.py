@@ -60,6 +60,12 @@ class Request:
     # every generated token (so the next sample continues the stream where it stopped).
     prefill_target: int = 0
     admitted_seq: int = -1  # order of the last admission to KV; LIFO eviction picks the largest
+    # Overlapped planning: tokens scheduled but not yet back from the model actor (vLLM's output
+    # placeholders). `num_generated` and the stage already count them; `output_token_ids` not.
+    num_pending: int = 0
+    slot: int = -1  # the request's row in its model actor's request table while it holds KV
+    gen_limit: int = 0  # tokens it may generate (max_tokens, output_len, context): set on admission
+    planned_iteration: int = -1  # the last iteration of its worker that scheduled it
     num_evictions: int = 0
     group: int = 0  # policy-assigned class (WAIT: the request's type); 0 otherwise
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from scheduler.core import SchedulerCore
 from scheduler.cost import CostModel
 from scheduler.errors import SchedulingError
-from scheduler.plan import StepResult, TokenResult
+from scheduler.plan import StepResult
 from scheduler.policies.base import Policy
 from scheduler.request import Request
 from scheduler.workload import Arrival
@@ -40,7 +40,7 @@ class IterationLog:
     batch_size: int
 
 
-_SIM_TOKEN = TokenResult("", -1)  # a simulated token: no id, no EOS (output_len ends it)
+_SIM_TOKENS = [-1] * 1024  # simulated tokens: no ids, no EOS (output_len ends a request)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -138,10 +138,11 @@ def simulate(
         peak_blocks = max(peak_blocks, used)
         kv_time += used * duration
         if log_iterations:
-            iterations.append(IterationLog(now, duration, plan.num_new_tokens, plan.num_attended_kv, len(plan.chunks)))
+            iterations.append(IterationLog(now, duration, plan.num_new_tokens, plan.num_attended_kv, len(plan)))
         now += duration
-        # The core reads only token_id/finish_reason/logprob: one shared result per sample.
-        result = StepResult(0, plan.iteration, [_SIM_TOKEN] * sum(c.sample for c in plan.chunks))
+        while len(_SIM_TOKENS) < plan.num_sampled:
+            _SIM_TOKENS.extend(_SIM_TOKENS)
+        result = StepResult(0, plan.iteration, _SIM_TOKENS)  # the core reads only what it sampled
         for event in core.commit(plan, result, now):
             if event.finish_reason:
                 finished.append(event.request)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,6 +41,33 @@ def stop_process(proc: subprocess.Popen, timeout_s: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=timeout_s)
+
+
+def stop_ray_processes(temp: Path) -> None:
+    """Stop the Ray processes started with `temp` as their temp dir, and everything they
+    spawned. (`ray stop` has no --address: it would stop the session's shared cluster and the
+    other engineers' too.)"""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or ())]
+    procs = {}
+    for root in roots:
+        try:
+            for p in (root, *root.children(recursive=True)):
+                procs[p.pid] = p
+        except psutil.NoSuchProcess:
+            continue
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs.values(), timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @dataclass

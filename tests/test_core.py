@@ -15,12 +15,19 @@ from scheduler.core import SchedulerCore
 from scheduler.cost import CostModel
 from scheduler.errors import RequestTooLong
 from scheduler.experiment import workload_hint
-from scheduler.plan import StepResult, TokenResult
+from scheduler.plan import Plan, PlanExpander, StepResult
 from scheduler.policies import POLICY_NAMES, PolicyConfig, make_policy
 from scheduler.request import Request, RequestState
 from scheduler.workload import Arrival
 
 BLOCK = 16
+TOKEN = 7  # what the fake model actor samples, always
+
+
+def make_request(rid: str, a: Arrival, arrival: float | None = None) -> Request:
+    """A request of `a`'s lengths with real token ids (the diff plans carry them)."""
+    return Request(rid, a.prompt_len, a.output_len, a.time if arrival is None else arrival,
+                   prompt_token_ids=[1] * a.prompt_len, output_len=a.output_len)
 
 
 def small_cost(num_blocks: int) -> CostModel:
@@ -49,16 +56,29 @@ def check_kv(core: SchedulerCore) -> None:
         assert pool.num_used_blocks == sum(pool.blocks_for(pool.num_tokens(r)) for r in q.resident)
 
 
+def check_actor_view(core: SchedulerCore, expander: PlanExpander, full: Plan) -> None:
+    """What the diff plans tell the actor matches the scheduler: the same residents, each with
+    exactly its blocks, and no KV slot written twice."""
+    q = core.workers[0]
+    held = {h.request_id: h for h in expander.held.values()}
+    assert held.keys() == q.resident.keys()
+    for rid, h in held.items():
+        assert h.blocks == q.pool.block_table(rid)
+    slots = [s for c in full.chunks for s in c.slot_mapping]
+    assert len(slots) == len(set(slots)), "two new tokens were given the same KV slot"
+
+
 def step(core: SchedulerCore, now: float, cost: CostModel) -> tuple[float, list[Request]] | None:
     """Plan and commit one iteration at `now`; None when the core runs nothing now."""
     plan = core.plan(0, now)
     if plan is None:
         return None
     check_kv(core)
-    slots = [s for c in plan.chunks for s in c.slot_mapping]
-    assert len(slots) == len(set(slots)), "two new tokens were given the same KV slot"
+    expander = core.__dict__.setdefault("test_expander", PlanExpander())
+    check_actor_view(core, expander, expander.expand(plan.wire))
     now += cost.iteration_time(plan.num_new_tokens, plan.num_attended_kv)
-    result = StepResult(0, plan.iteration, [TokenResult(c.request_id, -1) for c in plan.chunks if c.sample])
+    result = StepResult(0, plan.iteration, [TOKEN] * plan.num_sampled)
+    expander.observe(plan.wire, result)
     done = [e.request for e in core.commit(plan, result, now) if e.finish_reason]
     check_kv(core)
     return now, done
@@ -72,7 +92,7 @@ def drive(core: SchedulerCore, arrivals: list[Arrival], max_steps: int = 20_000)
     for _ in range(max_steps):
         while i < len(arrivals) and arrivals[i].time <= now:
             a = arrivals[i]
-            core.submit(Request(str(i), a.prompt_len, a.output_len, a.time, output_len=a.output_len), now)
+            core.submit(make_request(str(i), a), now)
             i += 1
         out = step(core, now, cost)
         if out is not None:
@@ -157,7 +177,7 @@ def test_cancel_frees_blocks_at_once(policy):
     core = make_core(policy, arrivals, num_blocks=64)
     cost = small_cost(64)
     for i, a in enumerate(arrivals):
-        core.submit(Request(str(i), a.prompt_len, a.output_len, 0.0, output_len=a.output_len), 0.0)
+        core.submit(make_request(str(i), a, 0.0), 0.0)
     now = 0.0
     for _ in range(20):
         out = step(core, now, cost)
@@ -180,7 +200,7 @@ def test_reset_worker_requeues_residents_and_they_finish(policy):
     core = make_core(policy, arrivals, num_blocks=128)
     cost = small_cost(128)
     for i, a in enumerate(arrivals):
-        core.submit(Request(str(i), a.prompt_len, a.output_len, a.time, output_len=a.output_len), a.time)
+        core.submit(make_request(str(i), a), a.time)
     now, finished = 0.1, []
     for _ in range(15):
         out = step(core, now, cost)
@@ -230,7 +250,7 @@ def test_planning_does_not_scan_the_waiting_queue(policy):
         arrivals = [Arrival(0.0, 64, 20 + i % 3) for i in range(waiting)]
         core = make_core(policy, arrivals, num_blocks=10_000, max_num_seqs=64)
         for i, a in enumerate(arrivals):
-            core.submit(Request(str(i), a.prompt_len, a.output_len, 0.0, output_len=a.output_len), 0.0)
+            core.submit(make_request(str(i), a, 0.0), 0.0)
         q = core.workers[0]
         for g in q.groups:
             g.waiting = _CountingDict(g.waiting)

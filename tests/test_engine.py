@@ -355,22 +355,7 @@ def test_bf16_token_bits_do_not_depend_on_chunking_or_batch(tiny_bf16: Harness) 
 def run_requests(engine, prompts: list[list[int]], sampling: list[SamplingParams],
                  max_tokens: int) -> list[list[int]]:
     """All requests submitted at once, each with its own sampling; tokens in prompt order."""
-    import time
-
-    from scheduler.request import Request
-
-    now = time.monotonic()
-    ids = [f"mix-{engine._next_id}-{i}" for i in range(len(prompts))]
-    engine._next_id += 1
-    for rid, p, s in zip(ids, prompts, sampling):
-        engine.core.submit(Request(rid, len(p), max_tokens, now, prompt_token_ids=list(p),
-                                   sampling=s), now)
-    done: dict = {}
-    while len(done) < len(ids):
-        plan = engine.core.plan(0, time.monotonic())
-        assert plan is not None
-        engine._step(plan, done)
-    return [done[rid].token_ids for rid in ids]
+    return [c.token_ids for c in engine.generate(prompts, max_tokens, sampling)]
 
 
 def test_seeded_request_same_text_whatever_shares_its_batch() -> None:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from deploy.local import wait_ready
-from tests.conftest import free_port, stop_process
+from tests.conftest import free_port, stop_process, stop_ray_processes
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -52,33 +52,7 @@ def ray_head(tmp_path_factory):
     try:
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
     finally:
-        _stop_head(temp)
-
-
-def _stop_head(temp: Path) -> None:
-    """`ray stop` has no --address: it would stop the session's shared cluster too. Stop this
-    head's own processes (started with its temp dir) and everything they spawned."""
-    import psutil
-
-    roots = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or ())]
-    procs = {}
-    for root in roots:
-        try:
-            for p in (root, *root.children(recursive=True)):
-                procs[p.pid] = p
-        except psutil.NoSuchProcess:
-            continue
-    for p in procs.values():
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs.values(), timeout=20)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+        stop_ray_processes(temp)
 
 
 def test_serve_deploy_then_serve_run(ray_head, tmp_path):

@@ -1,52 +1,106 @@
-"""Stream batching in the scheduler actor: tokens of fast iterations travel together."""
+"""Stream delivery in the scheduler actor: tokens of fast iterations travel together, and a
+stream's generator wakes once per message, not once per token."""
 from __future__ import annotations
 
 import asyncio
 import time
 from itertools import pairwise
 
-from actors.scheduler_actor import next_message
+from actors.streams import StreamHub
 from scheduler.core import TokenEvent
 from scheduler.request import Request
 
 
-async def produce(queue: asyncio.Queue, n: int, every_s: float) -> None:
-    req = Request("r", 4, n, 0.0)
+async def produce(hub: StreamHub, reqs: list[Request], n: int, every_s: float) -> None:
+    """What the dispatch loop does: each iteration appends a token to every request, then
+    delivers the iteration's events."""
     for i in range(n):
         await asyncio.sleep(every_s)
-        queue.put_nowait(TokenEvent(req, i, "length" if i == n - 1 else None))
+        events = []
+        for req in reqs:
+            req.output_token_ids.append(i)
+            if i == n - 1:
+                req.finish_reason = "length"
+            events.append(TokenEvent(req, i, req.finish_reason))
+        hub.deliver(events)
 
 
-async def consume(n: int, every_s: float, interval_s: float) -> list[tuple[float, dict]]:
-    queue: asyncio.Queue = asyncio.Queue()
-    producer = asyncio.create_task(produce(queue, n, every_s))
-    messages, last = [], None
-    while not messages or messages[-1][1]["finish_reason"] is None:
-        msg = await next_message(queue, last, interval_s)
-        last = time.monotonic()
-        messages.append((last, msg))
-    await producer
+async def consume(hub: StreamHub, req: Request, wakeups: list) -> list[tuple[float, dict]]:
+    stream = hub.open(req)
+    messages = []
+    async for msg in hub.messages(stream):
+        messages.append((time.monotonic(), msg))
+    wakeups.append(len(messages))
     return messages
+
+
+def run(n: int, every_s: float, interval_s: float, streams: int = 1) -> list[list[tuple[float, dict]]]:
+    async def main():
+        hub = StreamHub(interval_s)
+        reqs = [Request(f"r{k}", 4, n, 0.0) for k in range(streams)]
+        wakeups: list = []
+        consumers = [asyncio.create_task(consume(hub, r, wakeups)) for r in reqs]
+        await produce(hub, reqs, n, every_s)
+        return await asyncio.gather(*consumers)
+
+    return asyncio.run(main())
 
 
 def test_fast_tokens_are_batched_first_and_last_go_at_once():
     start = time.monotonic()
-    messages = asyncio.run(consume(n=40, every_s=0.005, interval_s=0.05))
+    [messages] = run(n=40, every_s=0.005, interval_s=0.05)
     tokens = [t for _, m in messages for t in m["token_ids"]]
     assert tokens == list(range(40))  # every token, in order, none twice
     assert messages[0][1]["token_ids"] == [0]  # the first token is not held (TTFT)
     assert messages[0][0] - start < 0.04
     assert len(messages) <= 8  # ~0.2 s of tokens at 50 ms per message, not 40 messages
     assert messages[-1][1]["finish_reason"] == "length"
+    assert all(m["finish_reason"] is None for _, m in messages[:-1])
     gaps = [b - a for (a, _), (b, _) in pairwise(messages[:-1])]
     assert all(g >= 0.045 for g in gaps)
 
 
+def test_the_last_token_is_not_held_back():
+    [messages] = run(n=12, every_s=0.01, interval_s=1.0)
+    assert len(messages) == 2  # the first token, then everything else with the finish at once
+    assert messages[-1][1]["token_ids"] == list(range(1, 12))
+
+
 def test_slow_tokens_are_not_delayed():
-    messages = asyncio.run(consume(n=5, every_s=0.08, interval_s=0.05))
+    [messages] = run(n=5, every_s=0.08, interval_s=0.05)
     assert [m["token_ids"] for _, m in messages] == [[0], [1], [2], [3], [4]]
 
 
-def test_interval_zero_sends_whatever_is_queued():
-    messages = asyncio.run(consume(n=10, every_s=0.002, interval_s=0.0))
+def test_interval_zero_sends_whatever_is_there():
+    [messages] = run(n=10, every_s=0.002, interval_s=0.0)
     assert [t for _, m in messages for t in m["token_ids"]] == list(range(10))
+
+
+def test_many_streams_wake_once_per_message():
+    """200 streams, 60 fast iterations: a few messages each (not a wakeup per token)."""
+    out = run(n=60, every_s=0.004, interval_s=0.05, streams=200)
+    for messages in out:
+        assert [t for _, m in messages for t in m["token_ids"]] == list(range(60))
+        assert len(messages) <= 10
+
+
+def test_a_failed_step_ends_the_stream_with_its_error():
+    async def main():
+        hub = StreamHub(0.05)
+        req = Request("r", 4, 10, 0.0)
+        stream = hub.open(req)
+        task = asyncio.create_task(_collect(hub, stream))
+        await asyncio.sleep(0.01)
+        req.output_token_ids.append(5)
+        hub.deliver([TokenEvent(req, 5, None)])
+        await asyncio.sleep(0.01)
+        hub.fail("r", "model error: boom")
+        return await task
+
+    messages = asyncio.run(main())
+    assert messages[0]["token_ids"] == [5]
+    assert messages[-1]["finish_reason"] == "error" and "boom" in messages[-1]["error"]
+
+
+async def _collect(hub: StreamHub, stream) -> list[dict]:
+    return [m async for m in hub.messages(stream)]

@@ -1,0 +1,216 @@
+"""The dispatch loop of one model actor: plans sent ahead, results committed, tokens delivered.
+
+    dispatcher = Dispatcher(core, worker, link, sink, depth=2)
+    task = loop.create_task(dispatcher.run())
+    dispatcher.poke()     # new work arrived (a submit, a cancel)
+
+Up to `depth` plans are in flight: while the actor runs step t, step t+1 already waits in its
+queue, so it starts the moment t ends; the loop commits t, delivers its tokens and plans t+2
+while t+1 runs (the core plans as if the steps in flight had run, see `scheduler.core`). `link`
+reaches the actor (a Ray handle in the scheduler replica, a thread in `LocalEngine`); `sink`
+takes what the loop produces (token events, per-step records, failed steps). A step that fails
+voids everything in flight: its requests fail (a model error) or, when the actor died, every
+resident re-prefills once it is back; the loop never leaves a batch half-applied.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable
+from typing import Protocol
+
+from scheduler.core import SchedulerCore, TokenEvent
+from scheduler.plan import DiffPlan, ScheduledBatch, StepResult
+from scheduler.simulate import percentile
+
+logger = logging.getLogger("fluidserve.dispatch")
+MAX_GAPS = 100_000  # gaps kept for statistics
+MAX_SAMPLES = 8192  # (new tokens, attended KV, period) of the latest steps, for calibration
+
+
+class ActorLink(Protocol):
+    def submit(self, plan: DiffPlan) -> Awaitable[StepResult]:
+        """Send a plan; the actor runs plans in the order they were sent."""
+
+    def classify(self, exc: BaseException) -> str:
+        """What a failed step means: "died" (state lost, wait for the actor), "failed" (the
+        step raised: its requests fail), "cancelled"."""
+
+    async def wait_until_back(self) -> None:
+        """Return once the actor answers again (after a crash and restart)."""
+
+
+class Sink(Protocol):
+    def deliver(self, events: list[TokenEvent]) -> None: ...
+
+    def record(self, worker: int, step: ScheduledBatch, result: StepResult,
+               events: list[TokenEvent], period_s: float) -> None: ...
+
+    def fail(self, step: ScheduledBatch, message: str) -> None: ...
+
+    def actor_up(self, worker: int, up: bool) -> None: ...
+
+
+class DispatchStats:
+    """How busy the actor is kept: its step times and the gaps between consecutive steps (on the
+    actor's clock)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.iterations = 0
+        self.tokens = 0  # sampled tokens (a row voided by a finish in flight counts too)
+        self.busy_s = 0.0
+        self.first_start: float | None = None
+        self.last_end: float | None = None
+        self.gaps: deque[float] = deque(maxlen=MAX_GAPS)
+        self.samples: deque[tuple[int, int, float]] = deque(maxlen=MAX_SAMPLES)
+        self._prev: tuple[int, float] | None = None  # (epoch, end of the previous step)
+
+    def observe(self, step: ScheduledBatch, result: StepResult, pipelined: bool) -> float:
+        """Record a step; returns its period: its time on the actor, plus the gap before it when
+        it was sent before the previous step ended (else that gap is the actor idling for want
+        of work, not a cost of the iteration)."""
+        if not result.finished_at:
+            return result.step_time_s
+        batch, duration = step, result.finished_at - result.started_at
+        self.iterations += 1
+        self.tokens += len(result.token_ids)
+        self.busy_s += duration
+        if self.first_start is None:
+            self.first_start = result.started_at
+        gap = 0.0
+        if self._prev is not None and self._prev[0] == result.epoch:
+            gap = result.started_at - self._prev[1]
+            self.gaps.append(gap)
+        self._prev = (result.epoch, result.finished_at)
+        self.last_end = result.finished_at
+        period = duration + (max(gap, 0.0) if pipelined else 0.0)
+        self.samples.append((batch.num_new_tokens, batch.num_attended_kv, period))
+        return period
+
+    def summary(self) -> dict:
+        wall = (self.last_end - self.first_start) if self.first_start is not None else 0.0
+        gaps = list(self.gaps)
+        return {
+            "iterations": self.iterations, "tokens": self.tokens, "busy_s": self.busy_s, "wall_s": wall,
+            "busy_fraction": self.busy_s / wall if wall > 0 else 0.0,
+            "gap_p50_ms": percentile(gaps, 50) * 1e3, "gap_p99_ms": percentile(gaps, 99) * 1e3,
+            "gap_max_ms": max(gaps, default=float("nan")) * 1e3,
+        }
+
+
+class Dispatcher:
+    def __init__(self, core: SchedulerCore, worker: int, link: ActorLink, sink: Sink,
+                 depth: int = 2) -> None:
+        self.core, self.worker, self.link, self.sink = core, worker, link, sink
+        self.depth = max(1, depth)
+        # (plan, its result to come, whether it was sent while another step was in flight)
+        self.in_flight: deque[tuple[ScheduledBatch, asyncio.Future, bool]] = deque()
+        self.stats = DispatchStats()
+        self.stopping = False  # stop(): plan nothing more, commit what is in flight, return
+        self._poked: asyncio.Future | None = None
+
+    def poke(self) -> None:
+        """New work (or freed KV): plan now if the loop is waiting with room in flight."""
+        if self._poked is not None and not self._poked.done():
+            self._poked.set_result(None)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.poke()
+
+    async def run(self) -> None:
+        while not (self.stopping and not self.in_flight):
+            try:
+                await self._cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("dispatch loop of model actor %d failed; continuing", self.worker)
+                self._void()
+                self.core.reset_worker(self.worker, time.monotonic())
+                await asyncio.sleep(0.1)
+
+    async def _cycle(self) -> None:
+        self._fill()
+        if not self.in_flight:
+            if not self.stopping:
+                await self._wait(None, self._idle_timeout())
+            return
+        step, future, pipelined = self.in_flight[0]
+        if len(self.in_flight) < self.depth and not future.done():
+            await self._wait(future, None)  # a result, or new work to plan meanwhile
+            if not future.done():
+                return
+        try:
+            # Shielded: cancelling this loop must not cancel the step (which then looks failed).
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if not future.cancelled():
+                raise  # this loop is being cancelled
+            await self._failed(step, asyncio.CancelledError())
+            return
+        except Exception as exc:  # noqa: BLE001 - classified by the link
+            await self._failed(step, exc)
+            return
+        self.in_flight.popleft()
+        self._commit(step, result, pipelined)
+
+    def _fill(self) -> None:
+        while len(self.in_flight) < self.depth and not self.stopping:
+            step = self.core.plan(self.worker, time.monotonic())
+            if step is None:
+                return
+            self.in_flight.append((step, self.link.submit(step.wire), bool(self.in_flight)))
+
+    def _commit(self, step: ScheduledBatch, result: StepResult, pipelined: bool) -> None:
+        events = self.core.commit(step, result, time.monotonic())
+        self.sink.deliver(events)
+        self._fill()  # the next plan goes out before the bookkeeping below
+        period = self.stats.observe(step, result, pipelined)
+        self.sink.record(self.worker, step, result, events, period)
+
+    def _idle_timeout(self) -> float | None:
+        wake = self.core.next_wake(self.worker)
+        return None if wake is None else max(0.0, wake - time.monotonic())
+
+    async def _wait(self, future: asyncio.Future | None, timeout: float | None) -> None:
+        self._poked = asyncio.get_running_loop().create_future()
+        try:
+            waits = {self._poked} if future is None else {self._poked, future}
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._poked = None
+
+    async def _failed(self, step: ScheduledBatch, exc: BaseException) -> None:
+        """The step did not run: void everything in flight, then recover."""
+        kind = self.link.classify(exc)
+        self._void()
+        if kind == "failed":
+            logger.error("model actor %d failed a step: %s", self.worker, exc)
+            self.sink.fail(step, f"model error: {_cause(exc)!r}")
+        affected = self.core.reset_worker(self.worker, time.monotonic())
+        if kind == "died":
+            logger.warning("model actor %d died; %d requests will re-prefill", self.worker, len(affected))
+            self.sink.actor_up(self.worker, False)
+            await self.link.wait_until_back()
+            logger.warning("model actor %d is back", self.worker)
+            self.sink.actor_up(self.worker, True)
+
+    def _void(self) -> None:
+        for _, future, _ in self.in_flight:
+            future.add_done_callback(_retrieve)  # their late outcomes mean nothing now
+        self.in_flight.clear()
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _cause(exc: BaseException) -> BaseException:
+    return getattr(exc, "cause", None) or exc

@@ -1,0 +1,125 @@
+"""The dispatch loop shared by the scheduler replica and LocalEngine: overlap changes no token,
+and a failed step fails only its own requests while the others continue where they were."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from test_async_core import expected_tokens
+
+from actors.dispatch import Dispatcher
+from actors.local_engine import LocalEngine, ThreadLink
+from actors.sim_actor import SimModelActor
+from kv.tables import PlanError
+from scheduler.core import SchedulerCore
+from scheduler.policies import PolicyConfig, make_policy
+from scheduler.request import Request, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine() -> LocalEngine:
+    return LocalEngine("random:tiny", kv_cache_tokens=40 * 16, num_threads=1, policy="sarathi")
+
+
+def test_planning_ahead_changes_no_token(engine: LocalEngine) -> None:
+    prompts = [[(7 * i + j) % 900 + 5 for j in range(10 + 9 * i)] for i in range(8)]
+    greedy = SamplingParams(ignore_eos=True)
+    engine.dispatch_depth = 1
+    one = engine.generate(prompts, 24, greedy)
+    engine.dispatch_depth = 3
+    three = engine.generate(prompts, 24, greedy, offsets=[0.01 * i for i in range(8)])
+    assert [c.token_ids for c in one] == [c.token_ids for c in three]
+    assert all(len(c.token_ids) == 24 and c.finish_reason == "length" for c in three)
+    assert engine.core.workers[0].pool.num_used_blocks == 0
+
+
+class FailOnce:
+    """The simulated actor, whose `fail_at`-th step raises as a model error would."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.actor = SimModelActor(sleep=False)
+        self.fail_at, self.steps = fail_at, 0
+
+    def execute(self, plan):
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise PlanError("injected model error")
+        return self.actor.execute(plan)
+
+
+class Collect:
+    """A sink that keeps finished requests and failed ones."""
+
+    def __init__(self, core: SchedulerCore) -> None:
+        self.core = core
+        self.finished: list[Request] = []
+        self.failed: dict[str, str] = {}
+
+    def deliver(self, events) -> None:
+        self.finished += [e.request for e in events if e.finish_reason]
+
+    def record(self, *args) -> None:
+        pass
+
+    def fail(self, step, message: str) -> None:
+        for req in step.requests:
+            self.failed[req.request_id] = message
+            self.core.cancel(req.request_id, 0.0)
+
+    def actor_up(self, worker: int, up: bool) -> None:
+        pass
+
+
+def test_a_failed_step_fails_its_requests_and_the_rest_continue() -> None:
+    actor = FailOnce(fail_at=6)
+    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=3)), 200, 16)
+    sink = Collect(core)
+    reqs = [Request(f"r{i}", 20 + i, 30, 0.0, prompt_token_ids=[100 + i] * (20 + i)) for i in range(6)]
+
+    async def main() -> None:
+        dispatcher = Dispatcher(core, 0, ThreadLink(actor), sink, depth=2)
+        task = asyncio.create_task(dispatcher.run())
+        for r in reqs:
+            core.submit(r, 0.0)
+        dispatcher.poke()
+        while len(sink.finished) + len(sink.failed) < len(reqs):
+            await asyncio.sleep(0.01)
+        dispatcher.stop()
+        await task
+
+    asyncio.run(main())
+    assert sink.failed and all("injected" in m for m in sink.failed.values())
+    ok = [r for r in reqs if r.request_id not in sink.failed]
+    assert ok and {r.request_id for r in sink.finished} == {r.request_id for r in ok}
+    for r in ok:  # the others re-prefilled after the reset and their text is unchanged
+        assert r.output_token_ids == expected_tokens(r, 30)
+    assert core.workers[0].pool.num_used_blocks == 0 and core.workers[0].epoch == 1
+
+
+def test_a_pipelined_actor_runs_plans_in_the_order_sent_whatever_order_they_arrive() -> None:
+    """Ray may start an async actor's calls out of order: the plans' own order is restored."""
+    import random
+
+    from actors.pipelined import pipelined
+
+    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=4)), 200, 16)
+    for i in range(6):
+        core.submit(Request(f"r{i}", 10 + 5 * i, 12, 0.0, prompt_token_ids=[200 + i] * (10 + 5 * i)), 0.0)
+    plans = []
+    while (step := core.plan(0, 0.0)) is not None and len(plans) < 8:
+        plans.append(step.wire)  # planned ahead, nothing committed: each names its predecessor
+    assert [p.prev_iteration for p in plans] == [-1] + [p.iteration for p in plans[:-1]]
+    in_order = SimModelActor(sleep=False)
+    expected = [list(in_order.execute(p).token_ids) for p in plans]
+    actor = pipelined(SimModelActor)(sleep=False)
+
+    async def main() -> list[list[int]]:
+        shuffled = list(range(len(plans)))
+        random.Random(3).shuffle(shuffled)
+        tasks = {}
+        for i in shuffled:  # calls start in a scrambled order
+            tasks[i] = asyncio.create_task(actor.execute(plans[i]))
+            await asyncio.sleep(0)
+        return [list((await tasks[i]).token_ids) for i in range(len(plans))]
+
+    assert asyncio.run(main()) == expected
