@@ -102,13 +102,10 @@ def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
     model actor (the step's time plus the gap before it when the next step was already queued:
     what an iteration costs a request). The fit drops outliers (a neighbour's burst on a shared
     box) and reports its own uncertainty; the samples are saved beside the cost file."""
-    from ray import serve
-
-    scheduler = serve.get_deployment_handle("Scheduler", app_name="fluidserve")
     cap = live_capacity()
     model_kw = {"kv_capacity_tokens": cap["kv_capacity_tokens"], "block_size": cap["block_size"],
                 "name": f"{config.model}@live"}
-    scheduler.dispatch_stats.remote(reset=True).result()
+    step_samples(reset=True)
     index = 100_000
     for _ in range(config.calibration_repeats):
         for prompt in sorted({min(p, config.max_prompt) for p in PREFILL_PROBES}):
@@ -117,13 +114,13 @@ def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
         for batch, prompt in DECODE_PROBES:
             index += batch
             _probe(url, batch, min(prompt, config.max_prompt), PROBE_OUTPUT, index)
-    first = robust_fit(scheduler.dispatch_stats.remote(samples=True).result()["samples"], **model_kw)
+    first = robust_fit(step_samples(), **model_kw)
     probe = replace(config, seed=config.seed + 1000, num_requests=WORKLOAD_PROBE_REQUESTS)
     rate = WORKLOAD_PROBE_LOAD / load_per_rate(arrivals_at(probe, 1.0), first.model)
     outs = loadgen.run_sync(url, arrivals_at(probe, rate), index_base=index + 1)
     if any(not o.ok for o in outs):
         raise RuntimeError(f"calibration request failed: {next(o.error for o in outs if not o.ok)}")
-    samples = scheduler.dispatch_stats.remote(samples=True).result()["samples"]
+    samples = step_samples()
     config.out_dir.mkdir(parents=True, exist_ok=True)
     (config.out_dir / f"cost-{model_slug(config.model)}-live-samples.json").write_text(json.dumps(samples) + "\n")
     fitted = robust_fit(samples, **model_kw)
@@ -133,9 +130,7 @@ def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
 
 def live_capacity() -> dict:
     """The running app's model actor capacity (KV tokens, block size), via its Serve handle."""
-    from ray import serve
-
-    return serve.get_deployment_handle("Scheduler", app_name="fluidserve").info.remote().result()
+    return _scheduler().info.remote().result()
 
 
 # --- workload and loads --------------------------------------------------------------------------
@@ -180,9 +175,28 @@ def app_args(config: LiveConfig, policy: str, cost_file: Path | None) -> dict:
     }
 
 
-def simulate(policy: str, arrivals: list[Arrival], cost: CostModel) -> dict:
-    out = run_policy(policy, arrivals, cost, hint=WorkloadHint())
+def simulate(policy: str, arrivals: list[Arrival], cost: CostModel, clock: CostModel | None = None) -> dict:
+    out = run_policy(policy, arrivals, cost, hint=WorkloadHint(), clock=clock)
     return {k: out[k] for k in (*COMPARED_KEYS, "evictions", "guard_fires")}
+
+
+def _scheduler():
+    from ray import serve
+
+    return serve.get_deployment_handle("Scheduler", app_name="fluidserve")
+
+
+def step_samples(reset: bool = False) -> list[tuple[int, int, float]]:
+    """The live scheduler's record of its model actor's steps: (new tokens, attended KV, period)."""
+    return _scheduler().dispatch_stats.remote(samples=True, reset=reset).result()["samples"]
+
+
+def drift(samples: list[tuple[int, int, float]], calibrated: CostModel, actual: CostModel) -> float:
+    """How much slower (+) or faster (-) the run's steps were than the calibration predicted them:
+    the box's speed change between calibration and run (its neighbours' load), which no
+    calibration taken before the run can know."""
+    predicted = sum(calibrated.iteration_time(n, kv) for n, kv, _ in samples)
+    return sum(actual.iteration_time(n, kv) for n, kv, _ in samples) / predicted - 1 if predicted else 0.0
 
 
 def relative(sim: float, live: float) -> float:
@@ -196,16 +210,27 @@ def sim_error(live: dict, sim: dict) -> float:
 
 
 def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: float, load: float) -> dict:
-    """One policy at one rate: the load generator against the app, and the simulator."""
+    """One policy at one rate: the load generator against the app, and the simulator twice:
+    with the calibrated cost model (the prediction), and replayed with a cost model fitted to
+    the run's own steps (the policy still plans with the calibrated one, as the live one did).
+    The replay checks the twin's scheduling; their gap is the box's drift."""
     arrivals = arrivals_at(config, rate)
     _log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests")
+    step_samples(reset=True)
     live = loadgen.report(loadgen.run_sync(url, arrivals, progress=config.progress))
+    samples = step_samples()
+    run_fit = robust_fit(samples, kv_capacity_tokens=cost.kv_capacity_tokens, block_size=cost.block_size,
+                         name=f"{config.model}@run")
     sim = simulate(policy, arrivals, cost)
-    run = {"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim,
-           "sim_error": sim_error(live, sim), "cost": asdict(cost)}
+    replay = simulate(policy, arrivals, cost, clock=run_fit.model)
+    run = {"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim, "replay": replay,
+           "sim_error": sim_error(live, sim), "replay_error": sim_error(live, replay),
+           "drift": drift(samples, cost, run_fit.model), "cost": asdict(cost),
+           "run_cost": asdict(run_fit.model)}
     _log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
                  f"sim mean {sim['latency_mean_s']:.2f}s {sim['throughput_tok_s']:.1f} tok/s | "
-                 f"error {run['sim_error']:.0%}")
+                 f"error {run['sim_error']:.0%} | steps {run['drift']:+.0%} vs calibration | "
+                 f"replay mean {replay['latency_mean_s']:.2f}s error {run['replay_error']:.0%}")
     return run
 
 
@@ -288,8 +313,10 @@ def markdown(out: dict) -> str:
          f"KV {c['kv_capacity_tokens']} tokens (each row's own d0 in the table)."),
         "",
         ("| policy | rate (req/s) | load | live mean (s) | sim mean (s) | live p90 (s) | sim p90 (s) "
-         "| live TTFT (s) | sim TTFT (s) | live tok/s | sim tok/s | done | sim d0 (ms) | cost model ± | sim error |"),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+         "| live TTFT (s) | sim TTFT (s) | live tok/s | sim tok/s | done | sim d0 (ms) | cost model ± | sim error "
+         "| steps vs calibration | replay mean (s) | replay error |"),
+        ("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+         "| ---: | ---: | ---: |"),
     ]
     for r in out["runs"]:
         lv, sm = r["live"], r["sim"]
@@ -298,8 +325,14 @@ def markdown(out: dict) -> str:
             f"{sm['latency_mean_s']:.2f} | {lv['latency_p90_s']:.2f} | {sm['latency_p90_s']:.2f} | "
             f"{lv['ttft_mean_s']:.2f} | {sm['ttft_mean_s']:.2f} | {lv['throughput_tok_s']:.1f} | "
             f"{sm['throughput_tok_s']:.1f} | {lv['completed']}/{lv['submitted']} | "
-            f"{r['cost']['d0'] * 1e3:.0f} | {_uncertainty(r)} | {r['sim_error']:.0%} |")
+            f"{r['cost']['d0'] * 1e3:.0f} | {_uncertainty(r)} | {r['sim_error']:.0%} | {_replay(r)}")
     return "\n".join(lines) + "\n"
+
+
+def _replay(run: dict) -> str:
+    if "replay" not in run:  # results written before the replay existed
+        return "- | - | - |"
+    return f"{run['drift']:+.0%} | {run['replay']['latency_mean_s']:.2f} | {run['replay_error']:.0%} |"
 
 
 def _uncertainty(run: dict) -> str:

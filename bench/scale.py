@@ -17,7 +17,9 @@ capacity (Poisson arrivals; LMSYS: the shipped sample's lengths; p512d200: 512-t
 
 After `warmup` seconds the window opens: per model actor the busy fraction (step time / wall
 time, on the actor's clock) and the gaps between consecutive steps (`dispatch_stats`), tokens
-sampled per second against N x Throughput* (the fluid bound at load 1), and the CPU seconds per
+sampled per second against N x Throughput* (the fluid bound: output tokens per second at the
+fluid capacity, the tighter of load < 1 and M* <= C; at load 0.9 the offered work is 0.9 of it,
+the most any scheduler can deliver in steady state), and the CPU seconds per
 second of the scheduler replica, the ingress, the proxy, the model actors and this driver
 (psutil, by Ray's process titles). TTFT and TPOT come from the driver's requests. With `--json`
 the last line of stdout is {"runs": [...]}; bench/results/scale.{json,md,png} are written.
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 from bench import serve as loadgen
 from scheduler import fluid
 from scheduler.cost import preset
-from scheduler.experiment import build_workload
+from scheduler.experiment import build_workload, run_policy
 from scheduler.simulate import percentile
 from scheduler.workload import DEFAULT_TRACE, Arrival
 
@@ -66,14 +67,32 @@ class ScaleConfig:
 
 
 def capacity(workload: str) -> tuple[float, float]:
-    """(requests/s, output tokens/s) of one A100 actor at fluid load 1 on this workload."""
+    """(requests/s, output tokens/s) of one A100 actor at its fluid capacity on this workload:
+    the tighter of its two limits, load < 1 and M* <= C (on both workloads here the KV cache
+    binds first, 7-8% below the load limit)."""
     types, trace = WORKLOADS[workload]
     sample = build_workload(types, trace, 1.0, 2000, 0)
     prompt = sum(a.prompt_len for a in sample) / len(sample)
     outputs = [a.output_len for a in sample]
-    solution = fluid.solve(fluid.types_from_sample(outputs, 1.0, prompt), preset("a100-llama2-7b"))
-    rate = 1.0 / solution.load  # the fluid load is linear in the rate
+    rate = fluid.rate_limits(fluid.types_from_sample(outputs, 1.0, prompt), preset("a100-llama2-7b")).tighter
     return rate, rate * sum(outputs) / len(outputs)
+
+
+def simulated_window_tok_s(config: ScaleConfig, workload: str, actors: int) -> float:
+    """Tokens per second the simulator's actor samples in the same window at the same per-actor
+    rate, times N: the reference for a short run. The window opens `warmup` seconds after an
+    empty start, while resident batches are still growing (a long LMSYS answer takes tens of
+    seconds), so even a perfect scheduler delivers less than the offered work in it."""
+    rate_1, _ = capacity(workload)
+    rate = config.load * rate_1
+    types, trace = WORKLOADS[workload]
+    arrivals = build_workload(types, trace, rate, max(1, int(rate * config.duration)), config.seed)
+    log = run_policy(config.policy, arrivals, preset("a100-llama2-7b"), log_iterations=True)["iterations"]
+    end = arrivals[-1].time
+    # A row samples a token unless it is a prefill chunk that does not end its prompt: with the
+    # 2,048-token budget nearly every prompt here is one chunk, so rows count the tokens.
+    rows = sum(it.batch_size for it in log if config.warmup <= it.start + it.duration <= end)
+    return actors * rows / (end - config.warmup) if end > config.warmup else 0.0
 
 
 def app_args(config: ScaleConfig, actors: int) -> dict:
@@ -161,7 +180,9 @@ async def measure(config: ScaleConfig, url: str, actors: int, workload: str, mod
         outcomes = await asyncio.wait_for(load, DRAIN_S)
     except asyncio.TimeoutError:
         outcomes = []
-    return summarize_run(actors, mode, workload, rate, tok_1, arrivals, outcomes, after, cpu0, cpu1, wall)
+    out = summarize_run(actors, mode, workload, rate, tok_1, arrivals, outcomes, after, cpu0, cpu1, wall)
+    out["sim_window_tok_s"] = simulated_window_tok_s(config, workload, actors)
+    return out
 
 
 def summarize_run(actors, mode, workload, rate, tok_1, arrivals, outcomes, after, cpu0, cpu1, wall) -> dict:
@@ -179,6 +200,7 @@ def summarize_run(actors, mode, workload, rate, tok_1, arrivals, outcomes, after
         "gap_p99_ms": max(a["gap_p99_ms"] for a in per_actor),  # the worst actor's
         "throughput_tok_s": sum(a["tokens"] for a in per_actor) / wall,
         "fluid_throughput_tok_s": actors * tok_1,
+        "offered_tok_s": sum(a.output_len for a in arrivals) / arrivals[-1].time if arrivals[-1].time > 0 else 0.0,
         "scheduler_cpu_ms_per_iteration": cpu["scheduler"] * wall * 1e3 / max(1, iterations),
         "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
         "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
@@ -190,6 +212,11 @@ def summarize_run(actors, mode, workload, rate, tok_1, arrivals, outcomes, after
 
 # -- the sweep ------------------------------------------------------------------------------------
 def run(config: ScaleConfig) -> dict:
+    """Every (N, workload, mode). A run that breaks the app (on a box too small for it, the
+    scheduler replica starved past Serve's health check) is recorded as failed, with why, and
+    the app redeployed for the next."""
+    from ray import serve
+
     from deploy.local import start
 
     runs = []
@@ -198,7 +225,15 @@ def run(config: ScaleConfig) -> dict:
         for workload in config.workloads:
             for mode in config.modes:
                 _log(f"N={actors} {workload} {mode}: ...")
-                out = asyncio.run(measure(config, url, actors, workload, mode))
+                try:
+                    out = asyncio.run(measure(config, url, actors, workload, mode))
+                except Exception as exc:  # noqa: BLE001 - one failed run must not lose the sweep
+                    _log(f"N={actors} {workload} {mode}: FAILED {type(exc).__name__}: {exc}")
+                    runs.append({"actors": actors, "mode": mode, "workload": workload,
+                                 "failed": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"})
+                    serve.delete("fluidserve")
+                    url = start(app_args(config, actors), port=config.port)
+                    continue
                 _log(f"N={actors} {workload} {mode}: busy {out['busy_fraction']:.3f}, gaps p50 "
                      f"{out['gap_p50_ms']:.2f} / p99 {out['gap_p99_ms']:.2f} ms, "
                      f"{out['throughput_tok_s']:,.0f} / {out['fluid_throughput_tok_s']:,.0f} tok/s, "
@@ -210,19 +245,26 @@ def run(config: ScaleConfig) -> dict:
 
 
 def markdown(out: dict) -> str:
-    lines = [f"`{out['model']}` actors at {out['load']} x N x the fluid capacity, stream interval "
-             f"{out['stream_interval_s']} s; busy fraction = step time / wall time per actor (mean "
-             "over actors), gaps p50 mean over actors / p99 of the worst; CPU in seconds per second.",
+    lines = [(f"`{out['model']}` actors at {out['load']} x N x the fluid capacity, stream interval "
+              f"{out['stream_interval_s']} s; busy fraction = step time / wall time per actor (mean "
+              "over actors), gaps p50 mean over actors / p99 of the worst; vs simulator = throughput "
+              "over the simulator's in the same window; CPU in seconds per second."),
              "",
-             "| N | workload | mode | busy | gap p50 / p99 (ms) | tok/s / fluid bound | sched CPU ms/iter "
-             "| TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | CPU s/s: sched / ingress / proxy / actors / driver | done |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             ("| N | workload | mode | busy | gap p50 / p99 (ms) | tok/s / fluid bound | vs simulator "
+              "| sched CPU ms/iter | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) "
+              "| CPU s/s: sched / ingress / proxy / actors / driver | done |"),
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in out["runs"]:
+        if "failed" in r:
+            lines.append(f"| {r['actors']} | {r['workload']} | {r['mode']} | failed: {r['failed']} |"
+                         + " |" * 8)
+            continue
         c = r["cpu_s_per_s"]
         lines.append(
             f"| {r['actors']} | {r['workload']} | {r['mode']} | {r['busy_fraction']:.3f} | "
             f"{r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.1f} | {r['throughput_tok_s']:,.0f} / "
             f"{r['fluid_throughput_tok_s']:,.0f} ({r['throughput_tok_s'] / r['fluid_throughput_tok_s']:.2f}) | "
+            f"{r['throughput_tok_s'] / r['sim_window_tok_s']:.2f} | "
             f"{r['scheduler_cpu_ms_per_iteration']:.2f} | {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
             f"{r['tpot_p50_s'] * 1e3:.0f} / {r['tpot_p99_s'] * 1e3:.0f} | {c['scheduler']:.2f} / "
             f"{c['ingress']:.2f} / {c['proxy']:.2f} / {c['model_actors']:.2f} / {c['driver']:.2f} | "
@@ -237,6 +279,7 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    runs = [r for r in runs if "failed" not in r]
     keys = sorted({(r["workload"], r["mode"]) for r in runs})
     for i, (workload, mode) in enumerate(keys):
         mine = sorted((r for r in runs if (r["workload"], r["mode"]) == (workload, mode)), key=lambda r: r["actors"])

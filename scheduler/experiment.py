@@ -58,15 +58,18 @@ def run_policy(
     progress: bool = False,
     hint: WorkloadHint | None = None,
     log_iterations: bool = False,
+    clock: CostModel | None = None,
 ) -> dict:
-    """Simulate `name` on `arrivals`; thresholds see the workload's rate and lengths (the hint)."""
+    """Simulate `name` on `arrivals`; thresholds see the workload's rate and lengths (the hint).
+    The policy plans with `cost`; steps take `clock`'s time (default: the same model), so a
+    replay can time a run by what its steps really cost while the policy keeps what it knew."""
     params = dict(params or {})
     config = PolicyConfig(max_num_seqs=params.pop("max_num_seqs", max_num_seqs))
     if "max_num_batched_tokens" in params:
         config.max_num_batched_tokens = params.pop("max_num_batched_tokens")
     hint = hint or workload_hint(arrivals)
     policy = make_policy(name, config, cost=cost, hint=hint, **params)
-    out = simulate(arrivals, policy, cost, progress=progress, log_iterations=log_iterations)
+    out = simulate(arrivals, policy, clock or cost, progress=progress, log_iterations=log_iterations)
     out["fluid_throughput_tok_s"] = fluid_throughput(arrivals)
     out["params"] = policy.describe()
     return out

@@ -67,3 +67,25 @@ def test_a_bad_sim_spec_is_refused_when_the_app_is_built():
         AppArgs.from_dict({"model": "sim:h100-unknown"})
     with pytest.raises(ValueError, match="not found"):
         AppArgs.from_dict({"model": "sim:/no/such/cost.json"})
+
+
+@pytest.mark.slow
+def test_bench_scale_measures_a_run_through_the_scheduler(deploy_app):
+    """`fluidserve bench scale`'s measurement on the twin: every request done, the figures the
+    README's table reads present and in range (their values on a shared box say nothing)."""
+    import asyncio
+
+    from bench import scale
+
+    config = scale.ScaleConfig(actors=[1], workloads=["p512d200"], modes=["replica", "handle"],
+                               duration=4.0, warmup=1.5)
+    app = deploy_app(**scale.app_args(config, 1))
+    for mode in config.modes:
+        run = asyncio.run(scale.measure(config, app.url, 1, "p512d200", mode))
+        assert run["completed"] == run["submitted"] > 0, run
+        assert 0 < run["busy_fraction"] <= 1 and run["gap_p99_ms"] >= run["gap_p50_ms"] >= 0
+        assert run["throughput_tok_s"] > 0 and run["sim_window_tok_s"] > 0
+        assert run["fluid_throughput_tok_s"] > run["offered_tok_s"] * 0.5
+        assert run["scheduler_cpu_ms_per_iteration"] > 0 and run["ttft_p99_s"] >= run["ttft_p50_s"]
+        assert "| 1 | p512d200 |" in scale.markdown({"model": scale.MODEL, "load": 0.9,
+                                                     "stream_interval_s": 0.05, "runs": [run]})
