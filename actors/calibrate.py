@@ -116,17 +116,18 @@ class RobustFit:
 
 
 def robust_fit(samples: list[tuple[int, int, float]], cut: float = 4.0, rounds: int = 6,
-               resamples: int = 200, seed: int = 0, mean_preserving: bool = True,
+               resamples: int = 200, seed: int = 0, mean_preserving: bool = False,
                **model_kw) -> RobustFit:
     """`scheduler.cost.fit` with outlier rejection and a bootstrap of its uncertainty.
 
     Timings on a shared box have a heavy upper tail (a neighbour's burst, a page fault):
     samples whose residual is beyond `cut` robust standard deviations (1.4826 x MAD) of the
     median residual are dropped and the rest refitted, until nothing changes. The bootstrap
-    refits `resamples` resamples of the kept samples. The outliers shape nothing but their time
-    is real: with `mean_preserving` d0 takes their average excess back, so that the model
-    predicts the samples' total time (a simulator's mean latency depends on the mean step, and
-    a fit of the typical step alone ran 6% fast on this box)."""
+    refits `resamples` resamples of the kept samples. With `mean_preserving` d0 takes the
+    outliers' average excess back, so that the model predicts the samples' total time: right
+    for replaying the very steps measured (a simulator's mean latency depends on the mean step),
+    wrong for a calibration taken before a run, whose outliers are mostly a neighbour's burst
+    that the run will not see (on this box that d0 ran 11 ms, 50%, above the run's own)."""
     import numpy as np
 
     data = np.asarray(samples, dtype=float)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -220,12 +221,12 @@ def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: fl
     live = loadgen.report(loadgen.run_sync(url, arrivals, progress=config.progress))
     samples = step_samples()
     run_fit = robust_fit(samples, kv_capacity_tokens=cost.kv_capacity_tokens, block_size=cost.block_size,
-                         name=f"{config.model}@run")
+                         name=f"{config.model}@run", mean_preserving=True)
     sim = simulate(policy, arrivals, cost)
     replay = simulate(policy, arrivals, cost, clock=run_fit.model)
     run = {"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim, "replay": replay,
            "sim_error": sim_error(live, sim), "replay_error": sim_error(live, replay),
-           "drift": drift(samples, cost, run_fit.model), "cost": asdict(cost),
+           "drift": drift(samples, cost, run_fit.model), "host_load_avg": os.getloadavg()[0], "cost": asdict(cost),
            "run_cost": asdict(run_fit.model)}
     _log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
                  f"sim mean {sim['latency_mean_s']:.2f}s {sim['throughput_tok_s']:.1f} tok/s | "

@@ -206,6 +206,8 @@ def summarize_run(actors, mode, workload, rate, tok_1, arrivals, outcomes, after
         "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
         "rate": rate, "submitted": len(arrivals), "completed": len(done),
         "iterations_per_s": iterations / wall, "window_s": wall,
+        # The host's 1-minute load average at the end of the window: on a shared box, what else ran.
+        "host_load_avg": os.getloadavg()[0], "host_cpus": os.cpu_count(),
         "cpu_s_per_s": cpu,
     }
 

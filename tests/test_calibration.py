@@ -23,7 +23,7 @@ def test_outliers_are_dropped_and_the_model_recovered():
     rng = random.Random(0)
     clean = samples(rng, 5, 0.001)
     spiked = clean + [(64, 1000, 0.6), (8, 0, 1.1), (256, 8000, 2.0)]  # a neighbour's bursts
-    fitted = robust_fit(spiked, kv_capacity_tokens=1000, block_size=16, mean_preserving=False)
+    fitted = robust_fit(spiked, kv_capacity_tokens=1000, block_size=16)
     assert fitted.num_outliers >= 3 and fitted.num_samples <= len(clean)
     m = fitted.model
     assert m.d0 == pytest.approx(TRUE[0], rel=0.05)
@@ -31,11 +31,11 @@ def test_outliers_are_dropped_and_the_model_recovered():
     assert fitted.r2 > 0.95
 
 
-def test_the_default_fit_charges_the_outliers_time_to_d0():
-    """A simulator's mean latency needs the mean step: the bursts' time is kept, their shape not."""
+def test_a_mean_preserving_fit_charges_the_outliers_time_to_d0():
+    """A replay's mean latency needs the mean step: the bursts' time is kept, their shape not."""
     spiked = samples(random.Random(0), 5, 0.001) + [(64, 1000, 0.6), (8, 0, 1.1), (256, 8000, 2.0)]
-    typical = robust_fit(spiked, kv_capacity_tokens=1000, block_size=16, mean_preserving=False).model
-    fitted = robust_fit(spiked, kv_capacity_tokens=1000, block_size=16).model
+    typical = robust_fit(spiked, kv_capacity_tokens=1000, block_size=16).model
+    fitted = robust_fit(spiked, kv_capacity_tokens=1000, block_size=16, mean_preserving=True).model
     assert fitted.d_tok == typical.d_tok and fitted.d_kv == typical.d_kv
     total = sum(t for _, _, t in spiked)
     assert sum(fitted.iteration_time(n, kv) for n, kv, _ in spiked) == pytest.approx(total, rel=1e-6)
