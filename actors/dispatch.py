@@ -23,10 +23,12 @@ from typing import Protocol
 
 from scheduler.core import SchedulerCore, TokenEvent
 from scheduler.plan import DiffPlan, ScheduledBatch, StepResult
+from scheduler.request import Request
 from scheduler.simulate import percentile
 
 logger = logging.getLogger("fluidserve.dispatch")
 MAX_GAPS = 100_000  # gaps kept for statistics
+MAX_FAILED_STEPS = 2  # a request in this many steps that raised fails (retried once)
 MAX_SAMPLES = 8192  # (new tokens, attended KV, period) of the latest steps, for calibration
 
 
@@ -48,7 +50,7 @@ class Sink(Protocol):
     def record(self, worker: int, step: ScheduledBatch, result: StepResult,
                events: list[TokenEvent], period_s: float) -> None: ...
 
-    def fail(self, step: ScheduledBatch, message: str) -> None: ...
+    def fail(self, requests: list[Request], message: str) -> None: ...
 
     def actor_up(self, worker: int, up: bool) -> None: ...
 
@@ -191,8 +193,16 @@ class Dispatcher:
         kind = self.link.classify(exc)
         self._void()
         if kind == "failed":
+            # The actor contains errors of the forward pass and sampling itself (the rows that
+            # cause them fail alone, see ModelActor.execute); a step that still raises failed
+            # outside that (a plan the actor refused): the actor is reset and the step's requests
+            # re-prefill once; one in a second failed step fails.
             logger.error("model actor %d failed a step: %s", self.worker, exc)
-            self.sink.fail(step, f"model error: {_cause(exc)!r}")
+            for req in step.requests:
+                req.num_failed_steps += 1
+            doomed = [r for r in step.requests if r.num_failed_steps >= MAX_FAILED_STEPS]
+            if doomed:
+                self.sink.fail(doomed, f"model error: {_cause(exc)!r}")
         affected = self.core.reset_worker(self.worker, time.monotonic())
         if kind == "died":
             logger.warning("model actor %d died; %d requests will re-prefill", self.worker, len(affected))

@@ -109,9 +109,9 @@ class LocalEngine:
         if model is not None and hasattr(self.core.policy, "set_cost"):
             self.core.policy.set_cost(model)
 
-    def fail(self, step: ScheduledBatch, message: str) -> None:
+    def fail(self, requests: list[Request], message: str) -> None:
         now = time.monotonic()
-        for req in step.requests:
+        for req in requests:
             if self.core.cancel(req.request_id, now) is not None:
                 self._done[req.request_id] = Completion(list(req.output_token_ids), "error",
                                                         req.arrival_time, req.first_token_time, now)

@@ -142,6 +142,7 @@ class SchedulerActor:
             stop_token_ids=tuple(request.get("stop_token_ids") or ()),
             ignore_eos=bool(request.get("ignore_eos", False)),
             logprobs=bool(request.get("logprobs", False)),
+            top_logprobs=int(request.get("top_logprobs") or 0),
         )
         # No max_tokens: up to the context, or the KV cache when that is smaller (else every such
         # request would be rejected as too long for the cache).
@@ -170,17 +171,21 @@ class SchedulerActor:
         if step.evicted:
             m.on_evictions(len(step.evicted))
         if events:
-            m.on_batch_tokens([ev.request for ev in events], time.monotonic())
+            m.on_batch_tokens([ev.request for ev in events if ev.finish_reason != "error"], time.monotonic())
             for ev in events:
-                if ev.finish_reason:
+                if ev.finish_reason == "error":
+                    m.on_failure(ev.request, "model_error")
+                elif ev.finish_reason:
                     m.on_finish(ev.request)
         self._learn_cost(step, period_s)
 
-    def fail(self, step: ScheduledBatch, message: str) -> None:
+    def fail(self, requests: list[Request], message: str, reason: str = "model_error") -> None:
+        """End these requests with a typed error in their own streams."""
         now = time.monotonic()
-        for req in step.requests:
+        for req in requests:
             self.hub.fail(req.request_id, message)
-            self.core.cancel(req.request_id, now)
+            if self.core.cancel(req.request_id, now) is not None:
+                self.metrics.on_failure(req, reason)
 
     def actor_up(self, worker: int, up: bool) -> None:
         self.metrics.set_worker_up(worker, up)

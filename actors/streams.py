@@ -23,7 +23,7 @@ from scheduler.request import Request
 class Stream:
     """One request's stream: what its generator has sent, and the future it waits on."""
 
-    __slots__ = ("request", "sent", "last_sent", "waiter", "error", "queued", "logprobs", "done")
+    __slots__ = ("done", "error", "last_sent", "logprobs", "queued", "request", "sent", "tops", "waiter")
 
     def __init__(self, request: Request) -> None:
         self.request = request
@@ -33,6 +33,8 @@ class Stream:
         self.error: str | None = None
         self.queued = False  # waiting in the flusher's heap
         self.logprobs: list[float | None] | None = [] if request.sampling.logprobs else None
+        # Per token, the top-N alternatives (OpenAI's top_logprobs), when asked for.
+        self.tops: list | None = [] if request.sampling.logprobs and request.sampling.top_logprobs > 0 else None
         self.done = False
 
     def final(self) -> bool:
@@ -51,14 +53,21 @@ class Stream:
         tokens = self.request.output_token_ids
         out = tokens[self.sent :]
         logprobs = self.logprobs[self.sent : self.sent + len(out)] if self.logprobs is not None else []
+        message = {"token_ids": out, "finish_reason": None, "logprobs": logprobs}
+        if self.tops is not None:
+            message["top_logprobs"] = self.tops[self.sent : self.sent + len(out)]
         self.sent += len(out)
         self.last_sent = now
+        reason = self.request.finish_reason
+        if self.error is None and reason == "error":
+            self.error = "model error: this request's step failed on the model actor"
         if self.error is not None:
             self.done = True
-            return {"token_ids": out, "finish_reason": "error", "logprobs": logprobs, "error": self.error}
-        reason = self.request.finish_reason
+            message.update(finish_reason="error", error=self.error)
+            return message
         self.done = reason is not None and self.sent >= len(tokens)
-        return {"token_ids": out, "finish_reason": reason if self.done else None, "logprobs": logprobs}
+        message["finish_reason"] = reason if self.done else None
+        return message
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -98,8 +107,10 @@ class StreamHub:
             stream = streams.get(ev.request.request_id)
             if stream is None:
                 continue
-            if stream.logprobs is not None:
+            if stream.logprobs is not None and ev.token_id >= 0:
                 stream.logprobs.append(ev.logprob)
+                if stream.tops is not None:
+                    stream.tops.append(ev.top_logprobs)
             if stream.waiter is None:
                 continue  # busy sending: it looks again when it is done
             last = stream.last_sent

@@ -43,8 +43,9 @@ class TokenEvent:
 
     request: Request
     token_id: int
-    finish_reason: str | None
+    finish_reason: str | None  # "error": the request's row failed on the model actor
     logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class SchedulerCore(RowScheduling):
@@ -244,7 +245,8 @@ class SchedulerCore(RowScheduling):
             return []  # the actor's state was reset since: these tokens are void
         token_ids = result.token_ids
         stops = set(result.stop_rows) if len(result.stop_rows) else None
-        logprobs = result.logprobs
+        logprobs, tops = result.logprobs, result.top_logprobs
+        failed = set(result.failed) if result.failed else None
         events: list[TokenEvent] = []
         append = events.append
         for i, req in enumerate(step.sampled):
@@ -255,6 +257,11 @@ class SchedulerCore(RowScheduling):
             token = token_ids[i]
             pending = req.num_pending - 1
             req.num_pending = pending
+            if failed and req.request_id in failed:
+                failed.discard(req.request_id)
+                self._finish(q, req, "error", now)
+                append(TokenEvent(req, -1, "error"))
+                continue
             if token >= 0:
                 req.output_token_ids.append(token)
             if req.first_token_time is None:
@@ -266,8 +273,21 @@ class SchedulerCore(RowScheduling):
             event = TokenEvent(req, token, reason)
             if logprobs is not None:
                 event.logprob = logprobs[i]
+                if tops is not None:
+                    event.top_logprobs = tops[i]
             append(event)
+        if failed:  # rows that sampled nothing (a prefill chunk) failed
+            events += self._fail_requests(q, failed, now)
         return events
+
+    def _fail_requests(self, q: WorkerQueues, request_ids: set[str], now: float) -> list[TokenEvent]:
+        out = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None and req.worker == q.worker:
+                self._finish(q, req, "error", now)
+                out.append(TokenEvent(req, -1, "error"))
+        return out
 
     def _settle(self, q: WorkerQueues, req: Request, reason: str | None, now: float) -> str | None:
         """A committed token that ends the request, or the last one an evicted request waited
@@ -291,7 +311,7 @@ class SchedulerCore(RowScheduling):
         req.finish_reason = reason
         req.finish_time = now
         del self.requests[req.request_id]
-        if reason != "cancelled":
+        if reason != "cancelled" and reason != "error":  # only real output lengths teach the policy
             self.policy.on_finish(req, now)
 
     @staticmethod

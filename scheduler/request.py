@@ -67,6 +67,7 @@ class Request:
     gen_limit: int = 0  # tokens it may generate (max_tokens, output_len, context): set on admission
     planned_iteration: int = -1  # the last iteration of its worker that scheduled it
     num_evictions: int = 0
+    num_failed_steps: int = 0  # steps that raised on the model actor with this request in them
     group: int = 0  # policy-assigned class (WAIT: the request's type); 0 otherwise
 
     # Timestamps (seconds, the scheduler's clock).

@@ -61,8 +61,8 @@ class Collect:
     def record(self, *args) -> None:
         pass
 
-    def fail(self, step, message: str) -> None:
-        for req in step.requests:
+    def fail(self, requests, message: str) -> None:
+        for req in requests:
             self.failed[req.request_id] = message
             self.core.cancel(req.request_id, 0.0)
 
@@ -70,12 +70,7 @@ class Collect:
         pass
 
 
-def test_a_failed_step_fails_its_requests_and_the_rest_continue() -> None:
-    actor = FailOnce(fail_at=6)
-    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=3)), 200, 16)
-    sink = Collect(core)
-    reqs = [Request(f"r{i}", 20 + i, 30, 0.0, prompt_token_ids=[100 + i] * (20 + i)) for i in range(6)]
-
+def run_until_done(actor, core: SchedulerCore, sink: Collect, reqs: list[Request]) -> None:
     async def main() -> None:
         dispatcher = Dispatcher(core, 0, ThreadLink(actor), sink, depth=2)
         task = asyncio.create_task(dispatcher.run())
@@ -88,12 +83,39 @@ def test_a_failed_step_fails_its_requests_and_the_rest_continue() -> None:
         await task
 
     asyncio.run(main())
-    assert sink.failed and all("injected" in m for m in sink.failed.values())
-    ok = [r for r in reqs if r.request_id not in sink.failed]
-    assert ok and {r.request_id for r in sink.finished} == {r.request_id for r in ok}
-    for r in ok:  # the others re-prefilled after the reset and their text is unchanged
+
+
+def test_a_step_that_raises_once_is_retried_and_no_request_fails() -> None:
+    """A step that raised on the actor (outside the forward pass, which the actor contains
+    itself): the actor is reset, the step's requests re-prefill once, and nobody fails."""
+    actor = FailOnce(fail_at=6)
+    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=3)), 200, 16)
+    sink = Collect(core)
+    reqs = [Request(f"r{i}", 20 + i, 30, 0.0, prompt_token_ids=[100 + i] * (20 + i)) for i in range(6)]
+    run_until_done(actor, core, sink, reqs)
+    assert not sink.failed
+    assert {r.request_id for r in sink.finished} == {r.request_id for r in reqs}
+    for r in reqs:  # re-prefilled after the reset: the text is unchanged
         assert r.output_token_ids == expected_tokens(r, 30)
     assert core.workers[0].pool.num_used_blocks == 0 and core.workers[0].epoch == 1
+
+
+class FailAlways(FailOnce):
+    """Every step raises: a request in two failed steps fails (retried once, no endless loop)."""
+
+    def execute(self, plan):
+        raise PlanError("injected model error")
+
+
+def test_a_request_in_two_failed_steps_fails_with_a_typed_error() -> None:
+    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=3)), 200, 16)
+    sink = Collect(core)
+    reqs = [Request(f"r{i}", 20, 5, 0.0, prompt_token_ids=[100 + i] * 20) for i in range(3)]
+    run_until_done(FailAlways(0), core, sink, reqs)
+    assert set(sink.failed) == {r.request_id for r in reqs}
+    assert all("injected" in m for m in sink.failed.values())
+    assert all(r.num_failed_steps == 2 for r in reqs)
+    assert core.workers[0].pool.num_used_blocks == 0 and not core.requests
 
 
 def test_a_pipelined_actor_runs_plans_in_the_order_sent_whatever_order_they_arrive() -> None:
