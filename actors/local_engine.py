@@ -45,7 +45,10 @@ class ThreadLink:
     def classify(exc: BaseException) -> str:
         return "failed"  # in-process, a step that raises never kills the actor
 
-    async def wait_until_back(self) -> None:
+    async def wait_until_back(self, give_up_s: float | None = None) -> bool:
+        return True
+
+    def restart(self) -> None:
         return None
 
 

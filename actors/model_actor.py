@@ -41,10 +41,11 @@ from scheduler.plan import DiffPlan, Plan, StepResult, TokenResult, int_array
 __all__ = ["RAY_NAMESPACE", "ModelActor", "actor_name", "step_result"]
 MAX_GRAPH_BATCH = 512  # vLLM's default largest CUDA-graph batch
 # Fault injection for tests only: with FLUIDSERVE_FAULT_INJECTION=1 in the model actor's
-# environment, every forward pass that includes a request whose id starts with FAULT_PREFIX
-# raises (a model error pinned on that request). Off by default; never set in production.
+# environment, every forward pass that includes a request whose prompt starts with the token ids
+# FAULT_PROMPT raises (a model error pinned on that request; HTTP clients can send it as a
+# token-id prompt). Off by default; never set it in production.
 FAULT_INJECTION = os.environ.get("FLUIDSERVE_FAULT_INJECTION") == "1"
-FAULT_PREFIX = "fault-step-"
+FAULT_PROMPT = np.array([2, 0, 2, 0, 2, 0, 2, 0], dtype=np.int64)
 log = logging.getLogger(__name__)
 
 
@@ -182,7 +183,7 @@ class ModelActor:
         """One forward pass over `rows` and the sampling of its sampled rows."""
         if not len(rows.slots):
             return []
-        if FAULT_INJECTION and any(r and r.startswith(FAULT_PREFIX) for r in rows.request_ids):
+        if FAULT_INJECTION and self._injected_fault(rows):
             raise RuntimeError("injected model fault (FLUIDSERVE_FAULT_INJECTION)")
         batch = build_batch(rows, self.device, self.cache.block_size, self.staging)
         meta = self.backend.prepare(batch, self.cache)
@@ -191,6 +192,14 @@ class ModelActor:
         sample_rows = [SampleRow(rows.request_ids[i], rows.sampling[i], int(context[i]))
                        for i in batch.sample_chunks]
         return self.sampler(logits, sample_rows)
+
+    def _injected_fault(self, rows: StepRows) -> bool:
+        n = len(FAULT_PROMPT)
+        for slot in rows.slots.tolist():
+            tokens = self.states.tokens[slot] if slot < len(self.states.tokens) else None
+            if tokens is not None and len(tokens) >= n and np.array_equal(tokens[:n], FAULT_PROMPT):
+                return True
+        return False
 
     def logits(self, plan: Plan) -> torch.Tensor:
         """fp32 logits of the plan's sampled rows, in plan order, without sampling: what

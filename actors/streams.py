@@ -23,7 +23,8 @@ from scheduler.request import Request
 class Stream:
     """One request's stream: what its generator has sent, and the future it waits on."""
 
-    __slots__ = ("done", "error", "last_sent", "logprobs", "queued", "request", "sent", "tops", "waiter")
+    __slots__ = ("done", "error", "error_info", "last_sent", "logprobs", "queued", "request", "sent", "tops",
+                 "waiter")
 
     def __init__(self, request: Request) -> None:
         self.request = request
@@ -31,6 +32,7 @@ class Stream:
         self.last_sent: float | None = None  # None: nothing sent yet (the first token goes at once)
         self.waiter: asyncio.Future | None = None
         self.error: str | None = None
+        self.error_info: dict = {}  # with an error: its HTTP status, code, Retry-After seconds
         self.queued = False  # waiting in the flusher's heap
         self.logprobs: list[float | None] | None = [] if request.sampling.logprobs else None
         # Per token, the top-N alternatives (OpenAI's top_logprobs), when asked for.
@@ -63,7 +65,7 @@ class Stream:
             self.error = "model error: this request's step failed on the model actor"
         if self.error is not None:
             self.done = True
-            message.update(finish_reason="error", error=self.error)
+            message.update(finish_reason="error", error=self.error, **self.error_info)
             return message
         self.done = reason is not None and self.sent >= len(tokens)
         message["finish_reason"] = reason if self.done else None
@@ -119,10 +121,16 @@ class StreamHub:
             elif not stream.queued:
                 self._queue(stream, last + interval)
 
-    def fail(self, request_id: str, message: str) -> None:
+    def wake(self, request_id: str) -> None:
         stream = self.streams.get(request_id)
         if stream is not None:
-            stream.error = message
+            stream.wake()
+
+    def fail(self, request_id: str, message: str, **info) -> None:
+        """End the stream with an error; `info`: status (HTTP, default 500), code, retry_after_s."""
+        stream = self.streams.get(request_id)
+        if stream is not None:
+            stream.error, stream.error_info = message, info
             stream.wake()
 
     def _queue(self, stream: Stream, when: float) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kv.blocks import BlockPool
-from scheduler.errors import DuplicateRequest, QueueFull, RequestTooLong, SchedulingError
+from scheduler.errors import DuplicateRequest, NoWorker, QueueFull, RequestTooLong, SchedulingError
 from scheduler.plan import ScheduledBatch, StepResult
 from scheduler.policies.base import Batch, Policy
 from scheduler.queues import GroupQueues, WorkerQueues
@@ -57,12 +57,16 @@ class SchedulerCore(RowScheduling):
         max_model_len: int | None = None,
         max_queue_len: int = 0,
         materialize: bool = True,
+        max_queued_tokens: int = 0,
     ) -> None:
         blocks = num_blocks if isinstance(num_blocks, list) else [num_blocks]
         self.policy = policy
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_queue_len = max_queue_len  # 0: unbounded
+        # Prompt tokens of the requests not admitted yet (never scheduled): past this, 429.
+        self.max_queued_tokens = max_queued_tokens  # 0: unbounded
+        self.queued_tokens = 0
         # The simulator sends no plans: skipping the wire form (token ids, blocks) keeps it fast.
         self.materialize = materialize
         self.workers = [
@@ -102,7 +106,11 @@ class SchedulerCore(RowScheduling):
         self.check(req.prompt_len, req.max_tokens)
         if self.max_queue_len and self.num_waiting >= self.max_queue_len:
             raise QueueFull(f"the admission queue is full ({self.max_queue_len} waiting requests)")
+        if self.max_queued_tokens and self.queued_tokens + req.prompt_len > self.max_queued_tokens:
+            raise QueueFull(f"the admission queue is full ({self.queued_tokens} prompt tokens wait; "
+                            f"max_queued_tokens is {self.max_queued_tokens})")
         req.worker = self._route(req)
+        self.queued_tokens += req.prompt_len
         req.group = self.policy.group_of(req)
         req.state = RequestState.WAITING
         req.waiting_since = now
@@ -110,9 +118,15 @@ class SchedulerCore(RowScheduling):
         self.workers[req.worker].groups[req.group].waiting[req.request_id] = req
         self.policy.on_arrival(req, now)
 
-    def _route(self, req: Request) -> int:
-        """The model actor with the least outstanding work (fills thresholds evenly)."""
-        return min(self.workers, key=lambda w: w.num_waiting + w.num_resident).worker
+    def _route(self, req: Request, exclude: int = -1) -> int:
+        """The healthy model actor with the least outstanding work (fills thresholds evenly)
+        whose KV pool can hold the whole request."""
+        need = req.prompt_len + req.max_tokens
+        fits = [w for w in self.workers if w.healthy and w.worker != exclude and w.pool.capacity_tokens >= need]
+        if not fits:
+            raise NoWorker("no model actor is available for this request (every one that could "
+                           "hold it is down); retry later")
+        return min(fits, key=lambda w: w.num_waiting + w.num_resident).worker
 
     # -- planning --------------------------------------------------------------------------
     def plan(self, worker: int, now: float) -> ScheduledBatch | None:
@@ -304,6 +318,8 @@ class SchedulerCore(RowScheduling):
         return reason
 
     def _finish(self, q: WorkerQueues, req: Request, reason: str, now: float) -> None:
+        if req.first_scheduled_time is None:  # it never left the admission queue
+            self.queued_tokens -= req.prompt_len
         self._release(q, req)
         q.parked.pop(req.request_id, None)
         self._drop_placeholders(req)
@@ -311,7 +327,7 @@ class SchedulerCore(RowScheduling):
         req.finish_reason = reason
         req.finish_time = now
         del self.requests[req.request_id]
-        if reason != "cancelled" and reason != "error":  # only real output lengths teach the policy
+        if reason == "stop" or reason == "length":  # only real output lengths teach the policy
             self.policy.on_finish(req, now)
 
     @staticmethod
@@ -323,14 +339,43 @@ class SchedulerCore(RowScheduling):
     # -- cancellation and faults -----------------------------------------------------------
     def cancel(self, request_id: str, now: float) -> Request | None:
         """Stop a request and free its KV at once; None if it is unknown or already done."""
+        return self._end(request_id, "cancelled", now)
+
+    def _end(self, request_id: str, reason: str, now: float, num_tokens: int | None = None) -> Request | None:
+        """Finish a request wherever it is (queued or resident); keep `num_tokens` outputs."""
         req = self.requests.get(request_id)
         if req is None:
             return None
         q = self.workers[req.worker]
         q.restart.pop(request_id, None)
         q.groups[req.group].waiting.pop(request_id, None)
-        self._finish(q, req, "cancelled", now)
+        if num_tokens is not None:
+            n = max(0, min(num_tokens, len(req.output_token_ids)))
+            del req.output_token_ids[n:]
+            req.num_generated = n + req.num_pending  # the placeholders are dropped by _finish
+        self._finish(q, req, reason, now)
         return req
+
+    def expire_waiting(self, max_wait_s: float, now: float) -> list[Request]:
+        """End the requests not admitted within `max_wait_s` of their arrival (finish reason
+        "timeout"); returns them. The admission queues are in arrival order: each scan stops at
+        the first request still in time."""
+        expired = []
+        for q in self.workers:
+            for group in q.groups:
+                for req in group.waiting.values():
+                    if now - req.arrival_time <= max_wait_s:
+                        break
+                    expired.append(req)
+        for req in expired:
+            self._end(req.request_id, "timeout", now)
+        return expired
+
+    def finish(self, request_id: str, num_tokens: int, now: float) -> Request | None:
+        """The client side found the end (a stop string) at output token `num_tokens`: the
+        request finishes with "stop" after that many tokens (those past it are dropped and never
+        counted), its KV is freed, and the policy learns its true output length."""
+        return self._end(request_id, "stop", now, num_tokens)
 
     def reset_worker(self, worker: int, now: float) -> list[Request]:
         """A model actor lost its state (it died, or a step failed): every batch in flight is
@@ -349,6 +394,36 @@ class SchedulerCore(RowScheduling):
         q.slots.reset()
         self._last_batch[worker] = []
         return affected
+
+    def set_worker_down(self, worker: int, now: float) -> tuple[list[Request], list[Request]]:
+        """The model actor stays dead: nothing is routed to it, and its requests move to the
+        healthy actors that can hold them (re-prefilling prompt plus the tokens already
+        generated, so streams continue). Returns (moved, stranded): stranded requests fit
+        nowhere and are still queued here; the caller fails them."""
+        self.reset_worker(worker, now)
+        q = self.workers[worker]
+        q.healthy = False
+        moved, stranded = [], []
+        queued = list(q.restart.values()) + [r for g in q.groups for r in g.waiting.values()]
+        for req in queued:
+            try:
+                target = self._route(req, exclude=worker)
+            except NoWorker:
+                stranded.append(req)
+                continue
+            q.restart.pop(req.request_id, None)
+            q.groups[req.group].waiting.pop(req.request_id, None)
+            req.worker = target
+            dest = self.workers[target]
+            if req.first_scheduled_time is None:
+                dest.groups[req.group].waiting[req.request_id] = req
+            else:
+                dest.restart[req.request_id] = req
+            moved.append(req)
+        return moved, stranded
+
+    def set_worker_up(self, worker: int) -> None:
+        self.workers[worker].healthy = True
 
     # -- state for metrics and tests -------------------------------------------------------
     @property

@@ -4,7 +4,7 @@ Two kinds of fault: a sampler row the batched sampler refuses (a NaN temperature
 ingress's validation as a buggy client library could), and a forward pass that raises whenever a
 given request is in the batch. The second uses the model actor's documented test hook
 (`FLUIDSERVE_FAULT_INJECTION=1` in its environment, here set on the module in-process): a step
-with a request whose id starts with `fault-step-` raises. In both cases the poisoned request ends
+with a request whose prompt starts with `FAULT_PROMPT` raises. In both cases the poisoned request ends
 with finish_reason "error" while the other requests finish with the text they get alone, and the
 actor is never reset (epoch 0, no eviction): their KV survives, nothing is recomputed.
 """
@@ -14,7 +14,7 @@ import pytest
 from test_dispatch import Collect, run_until_done
 
 from actors import model_actor
-from actors.model_actor import FAULT_PREFIX, ModelActor
+from actors.model_actor import FAULT_PROMPT, ModelActor
 from scheduler.core import SchedulerCore
 from scheduler.policies import PolicyConfig, make_policy
 from scheduler.request import Request, SamplingParams
@@ -57,7 +57,8 @@ def test_a_poisoned_request_fails_alone_and_the_others_keep_their_kv(actor, faul
         poison = Request("poison", 20, 12, 0.0, prompt_token_ids=[42] * 20, sampling=bad)
     else:
         monkeypatch.setattr(model_actor, "FAULT_INJECTION", True)
-        poison = Request(f"{FAULT_PREFIX}1", 20, 12, 0.0, prompt_token_ids=[42] * 20, sampling=GREEDY)
+        prompt = FAULT_PROMPT.tolist() + [42] * 12
+        poison = Request("poison", 20, 12, 0.0, prompt_token_ids=prompt, sampling=GREEDY)
     others = [normal(i, "batch") for i in range(8)]
     core = run(actor, others[:4] + [poison] + others[4:])
     assert poison.finish_reason == "error" and not poison.output_token_ids
