@@ -170,20 +170,20 @@ class Dispatcher:
                 if time.monotonic() >= deadline:
                     await self._failed(step, StepTimeout(f"step {step.iteration} passed its deadline"))
                 return
-        try:
-            # Shielded: cancelling this loop must not cancel the step (which then looks failed).
-            result = await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            await self._failed(step, StepTimeout(f"step {step.iteration} passed its deadline"))
-            return
-        except asyncio.CancelledError:
-            if not future.cancelled():
-                raise  # this loop is being cancelled
+        if not future.done():
+            # asyncio.wait neither cancels the step on a timeout nor when this loop is cancelled.
+            await asyncio.wait((future,), timeout=max(0.0, deadline - time.monotonic()))
+            if not future.done():
+                await self._failed(step, StepTimeout(f"step {step.iteration} passed its deadline"))
+                return
+        if future.cancelled():
             await self._failed(step, asyncio.CancelledError())
             return
-        except Exception as exc:  # noqa: BLE001 - classified by the link
-            await self._failed(step, exc)
+        error = future.exception()
+        if error is not None:  # classified by the link
+            await self._failed(step, error)
             return
+        result = future.result()
         self.in_flight.popleft()
         self._commit(step, result, pipelined)
 

@@ -260,8 +260,8 @@ class SchedulerCore(RowScheduling):
         token_ids = result.token_ids
         stops = set(result.stop_rows) if len(result.stop_rows) else None
         logprobs, tops = result.logprobs, result.top_logprobs
-        failed = set(result.failed) if result.failed else None
-        events: list[TokenEvent] = []
+        # Failed rows end their requests first; the loop below then skips them as finished.
+        events = self._fail_requests(q, set(result.failed), now) if result.failed else []
         append = events.append
         for i, req in enumerate(step.sampled):
             # Finished (EOS in an earlier batch) or cancelled since: the token is void.
@@ -271,11 +271,6 @@ class SchedulerCore(RowScheduling):
             token = token_ids[i]
             pending = req.num_pending - 1
             req.num_pending = pending
-            if failed and req.request_id in failed:
-                failed.discard(req.request_id)
-                self._finish(q, req, "error", now)
-                append(TokenEvent(req, -1, "error"))
-                continue
             if token >= 0:
                 req.output_token_ids.append(token)
             if req.first_token_time is None:
@@ -290,11 +285,10 @@ class SchedulerCore(RowScheduling):
                 if tops is not None:
                     event.top_logprobs = tops[i]
             append(event)
-        if failed:  # rows that sampled nothing (a prefill chunk) failed
-            events += self._fail_requests(q, failed, now)
         return events
 
     def _fail_requests(self, q: WorkerQueues, request_ids: set[str], now: float) -> list[TokenEvent]:
+        """Requests whose rows failed on the model actor end with finish_reason "error"."""
         out = []
         for rid in request_ids:
             req = self.requests.get(rid)
