@@ -24,31 +24,19 @@ once those are back. The simulator plans and commits in turn, which is the same 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kv.blocks import BlockPool
 from scheduler.errors import DuplicateRequest, NoWorker, QueueFull, RequestTooLong, SchedulingError
+from scheduler.faults import FaultHandling
 from scheduler.plan import ScheduledBatch, StepResult
 from scheduler.policies.base import Batch, Policy
 from scheduler.queues import GroupQueues, WorkerQueues
-from scheduler.request import Request, RequestState
+from scheduler.request import Request, RequestState, TokenEvent
 from scheduler.rows import _RUNNING, RowScheduling
 
 _FINISHED, _CANCELLED = RequestState.FINISHED, RequestState.CANCELLED  # `is` tests: no enum hashing
 
 
-@dataclass(slots=True)
-class TokenEvent:
-    """One sampled token of one request, as the streams and metrics see it."""
-
-    request: Request
-    token_id: int
-    finish_reason: str | None  # "error": the request's row failed on the model actor
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-
-
-class SchedulerCore(RowScheduling):
+class SchedulerCore(RowScheduling, FaultHandling):
     def __init__(
         self,
         policy: Policy,
@@ -287,16 +275,6 @@ class SchedulerCore(RowScheduling):
             append(event)
         return events
 
-    def _fail_requests(self, q: WorkerQueues, request_ids: set[str], now: float) -> list[TokenEvent]:
-        """Requests whose rows failed on the model actor end with finish_reason "error"."""
-        out = []
-        for rid in request_ids:
-            req = self.requests.get(rid)
-            if req is not None and req.worker == q.worker:
-                self._finish(q, req, "error", now)
-                out.append(TokenEvent(req, -1, "error"))
-        return out
-
     def _settle(self, q: WorkerQueues, req: Request, reason: str | None, now: float) -> str | None:
         """A committed token that ends the request, or the last one an evicted request waited
         for; returns the finish reason."""
@@ -330,7 +308,7 @@ class SchedulerCore(RowScheduling):
         req.num_generated -= req.num_pending
         req.num_pending = 0
 
-    # -- cancellation and faults -----------------------------------------------------------
+    # -- ending requests early (faults: scheduler.faults) ------------------------------------
     def cancel(self, request_id: str, now: float) -> Request | None:
         """Stop a request and free its KV at once; None if it is unknown or already done."""
         return self._end(request_id, "cancelled", now)
@@ -350,74 +328,11 @@ class SchedulerCore(RowScheduling):
         self._finish(q, req, reason, now)
         return req
 
-    def expire_waiting(self, max_wait_s: float, now: float) -> list[Request]:
-        """End the requests not admitted within `max_wait_s` of their arrival (finish reason
-        "timeout"); returns them. The admission queues are in arrival order: each scan stops at
-        the first request still in time."""
-        expired = []
-        for q in self.workers:
-            for group in q.groups:
-                for req in group.waiting.values():
-                    if now - req.arrival_time <= max_wait_s:
-                        break
-                    expired.append(req)
-        for req in expired:
-            self._end(req.request_id, "timeout", now)
-        return expired
-
     def finish(self, request_id: str, num_tokens: int, now: float) -> Request | None:
         """The client side found the end (a stop string) at output token `num_tokens`: the
         request finishes with "stop" after that many tokens (those past it are dropped and never
         counted), its KV is freed, and the policy learns its true output length."""
         return self._end(request_id, "stop", now, num_tokens)
-
-    def reset_worker(self, worker: int, now: float) -> list[Request]:
-        """A model actor lost its state (it died, or a step failed): every batch in flight is
-        void. Every resident request re-prefills from its prompt plus the tokens it already
-        generated (placeholders dropped), so streams continue where they were."""
-        q = self.workers[worker]
-        q.in_flight = 0
-        q.idle_since = now
-        q.epoch += 1
-        affected = list(q.parked.values()) + list(q.resident.values())  # oldest first
-        for req in affected:
-            self._release(q, req)
-            self._drop_placeholders(req)
-            self._requeue(q, req)
-        q.parked.clear()
-        q.slots.reset()
-        self._last_batch[worker] = []
-        return affected
-
-    def set_worker_down(self, worker: int, now: float) -> tuple[list[Request], list[Request]]:
-        """The model actor stays dead: nothing is routed to it, and its requests move to the
-        healthy actors that can hold them (re-prefilling prompt plus the tokens already
-        generated, so streams continue). Returns (moved, stranded): stranded requests fit
-        nowhere and are still queued here; the caller fails them."""
-        self.reset_worker(worker, now)
-        q = self.workers[worker]
-        q.healthy = False
-        moved, stranded = [], []
-        queued = list(q.restart.values()) + [r for g in q.groups for r in g.waiting.values()]
-        for req in queued:
-            try:
-                target = self._route(req, exclude=worker)
-            except NoWorker:
-                stranded.append(req)
-                continue
-            q.restart.pop(req.request_id, None)
-            q.groups[req.group].waiting.pop(req.request_id, None)
-            req.worker = target
-            dest = self.workers[target]
-            if req.first_scheduled_time is None:
-                dest.groups[req.group].waiting[req.request_id] = req
-            else:
-                dest.restart[req.request_id] = req
-            moved.append(req)
-        return moved, stranded
-
-    def set_worker_up(self, worker: int) -> None:
-        self.workers[worker].healthy = True
 
     # -- state for metrics and tests -------------------------------------------------------
     @property

@@ -110,3 +110,14 @@ class Request:
             return prompt[start:end]
         out_start = max(0, start - len(prompt))
         return prompt[start:] + self.output_token_ids[out_start : end - len(prompt)]
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One sampled token of one request, as the streams and metrics see it."""
+
+    request: Request
+    token_id: int
+    finish_reason: str | None  # "error": the request's row failed on the model actor
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
