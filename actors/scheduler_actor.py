@@ -119,7 +119,7 @@ class SchedulerActor:
         queue_len = a.max_queue_len or max(64, 4 * total_tokens // 256)
         return SchedulerCore(policy, [c["num_blocks"] for c in caps], caps[0]["block_size"],
                              max_model_len=caps[0]["max_model_len"], max_queue_len=queue_len,
-                             max_queued_tokens=a.max_queued_tokens)
+                             max_queued_tokens=a.max_queued_tokens, max_queue_wait_s=a.max_queue_wait_s)
 
     # -- requests ------------------------------------------------------------------------------
     async def generate(self, request: dict) -> AsyncIterator[dict]:
@@ -194,16 +194,23 @@ class SchedulerActor:
             self.dispatchers[req.worker].poke()  # freed KV may let a waiting request in
 
     async def _expire_loop(self) -> None:
-        """Requests not admitted within max_queue_wait_s get 503 with Retry-After."""
+        """Requests not admitted within max_queue_wait_s get 503 with Retry-After. The core
+        expires them before every plan; this also catches them while no plan is made."""
         limit = self.args.max_queue_wait_s
         period = min(1.0, max(0.05, limit / 10))
         while True:
             await asyncio.sleep(period)
-            for req in self.core.expire_waiting(limit, time.monotonic()):
-                self.hub.fail(req.request_id, f"the request was not admitted within max_queue_wait_s "
-                              f"({limit:g} s): the server is overloaded; retry later", status=503,
-                              code="queue_timeout", retry_after_s=max(1.0, limit / 4))
-                self.metrics.on_failure(req, "queue_timeout")
+            self.core.expired += self.core.expire_waiting(limit, time.monotonic())
+            self._fail_expired()
+
+    def _fail_expired(self) -> None:
+        expired, self.core.expired = self.core.expired, []
+        limit = self.args.max_queue_wait_s
+        for req in expired:
+            self.hub.fail(req.request_id, f"the request was not admitted within max_queue_wait_s "
+                          f"({limit:g} s): the server is overloaded; retry later", status=503,
+                          code="queue_timeout", retry_after_s=max(1.0, limit / 4))
+            self.metrics.on_failure(req, "queue_timeout")
 
     # -- what the dispatch loops report (the Sink of actors.dispatch) ---------------------------
     def deliver(self, events: list[TokenEvent]) -> None:
@@ -212,6 +219,8 @@ class SchedulerActor:
     def record(self, worker: int, step: ScheduledBatch, result: StepResult,
                events: list[TokenEvent], period_s: float) -> None:
         m = self.metrics
+        if self.core.expired:
+            self._fail_expired()
         m.on_iteration(worker, result.step_time_s, step.num_new_tokens, len(step))
         if step.evicted:
             m.on_evictions(len(step.evicted))

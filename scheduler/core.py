@@ -46,6 +46,7 @@ class SchedulerCore(RowScheduling, FaultHandling):
         max_queue_len: int = 0,
         materialize: bool = True,
         max_queued_tokens: int = 0,
+        max_queue_wait_s: float = 0.0,
     ) -> None:
         blocks = num_blocks if isinstance(num_blocks, list) else [num_blocks]
         self.policy = policy
@@ -55,6 +56,11 @@ class SchedulerCore(RowScheduling, FaultHandling):
         # Prompt tokens of the requests not admitted yet (never scheduled): past this, 429.
         self.max_queued_tokens = max_queued_tokens  # 0: unbounded
         self.queued_tokens = 0
+        # A request not admitted within this many seconds of its arrival is never admitted: it
+        # ends with "timeout" (checked before every plan, so no admission waits longer) and waits
+        # in `expired` for the caller to tell its client. 0: no bound.
+        self.max_queue_wait_s = max_queue_wait_s
+        self.expired: list[Request] = []
         # The simulator sends no plans: skipping the wire form (token ids, blocks) keeps it fast.
         self.materialize = materialize
         self.workers = [
@@ -119,6 +125,8 @@ class SchedulerCore(RowScheduling, FaultHandling):
     # -- planning --------------------------------------------------------------------------
     def plan(self, worker: int, now: float) -> ScheduledBatch | None:
         """The next batch of `worker`, planned as if every batch in flight had run."""
+        if self.max_queue_wait_s:
+            self.expired += self.expire_waiting(self.max_queue_wait_s, now)
         q = self.workers[worker]
         if not q.has_work():
             return None

@@ -48,3 +48,14 @@ def test_requests_not_admitted_in_time_expire_and_admitted_ones_never() -> None:
     assert all(r.finish_reason == "timeout" and r.request_id not in c.requests for r in expired)
     assert admitted <= set(c.requests) and "r5" in c.requests
     assert c.queued_tokens == 100  # r5's prompt only
+
+
+def test_no_request_is_admitted_after_its_max_queue_wait() -> None:
+    c = core(max_queue_wait_s=0.5)
+    for i in range(6):
+        c.submit(req(i, at=0.0), 0.0)
+    first = {r.request_id for r in c.plan(0, 0.1).requests}
+    step = c.plan(0, 0.6)  # the others waited 0.6 s > 0.5 s: expired before planning
+    assert step is None or {r.request_id for r in step.requests} <= first
+    assert {r.request_id for r in c.expired} == {f"r{i}" for i in range(6)} - first
+    assert all(r.finish_reason == "timeout" for r in c.expired)
