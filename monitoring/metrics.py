@@ -151,6 +151,11 @@ class ServingMetrics:
                                   "each restarts from prefill.", ["model_name"]).labels(*m)
         self._cancelled = counter("request_cancelled", "Requests cancelled by the client.",
                                   ["model_name"]).labels(*m)
+        self._failures = counter("request_failure", "Requests that ended in an error, by reason "
+                                 "(model_error: its step failed on the model actor; "
+                                 "actor_unavailable: no model actor left; deadline: a model call "
+                                 "timed out; queue_timeout: not admitted within max_queue_wait_s).",
+                                 ["model_name", "reason"])
         self._arrivals = counter("request_arrivals", "Requests accepted by the scheduler.",
                                  ["model_name"]).labels(*m)
 
@@ -190,6 +195,7 @@ class ServingMetrics:
 
         self._success_by_reason = {r: self._success.labels(model_name, r) for r in FINISH_REASONS}
         self._rejected_by_reason: dict[str, Counter] = {}
+        self._failed_by_reason: dict[str, Counter] = {}
         self._per_worker: dict[int, tuple] = {}  # worker -> its cached label children
         self._segments: list[tuple[Gauge, Gauge]] = []  # cached (queue, threshold) per segment
         # Time of the last token streamed, per request: the Request's own last_token_time may
@@ -276,6 +282,15 @@ class ServingMetrics:
         if child is None:
             child = self._success_by_reason[reason] = self._success.labels(self.model_name,
                                                                            reason)
+        child.inc()
+
+    def on_failure(self, req: Request | None, reason: str) -> None:
+        """`req` ended in an error (it gets a typed error in its own stream)."""
+        if req is not None:
+            self._last_token.pop(req.request_id, None)
+        child = self._failed_by_reason.get(reason)
+        if child is None:
+            child = self._failed_by_reason[reason] = self._failures.labels(self.model_name, reason)
         child.inc()
 
     def on_cancel(self, req: Request) -> None:
