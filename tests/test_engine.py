@@ -369,8 +369,11 @@ def run_requests(engine, prompts: list[list[int]], sampling: list[SamplingParams
     while len(done) < len(ids):
         plan = engine.core.plan(0, time.monotonic())
         assert plan is not None
-        engine._step(plan, done)
-    return [done[rid].token_ids for rid in ids]
+        result = engine.actor.execute(plan.wire)
+        for ev in engine.core.commit(plan, result, time.monotonic()):
+            if ev.finish_reason:
+                done[ev.request.request_id] = list(ev.request.output_token_ids)
+    return [done[rid] for rid in ids]
 
 
 def test_seeded_request_same_text_whatever_shares_its_batch() -> None:
