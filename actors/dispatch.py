@@ -23,10 +23,18 @@ from typing import Protocol
 
 from scheduler.core import SchedulerCore, TokenEvent
 from scheduler.plan import DiffPlan, ScheduledBatch, StepResult
+from scheduler.request import Request
 from scheduler.simulate import percentile
 
 logger = logging.getLogger("fluidserve.dispatch")
 MAX_GAPS = 100_000  # gaps kept for statistics
+# A step's deadline: this many times the cost model's prediction plus the floor (generous: a
+# step past it means a hung actor, which is restarted). Steps queued behind it wait their turn.
+DEADLINE_FACTOR = 10.0
+DEADLINE_FLOOR_S = 30.0
+# An actor not back this long after a crash stays dead for now: its requests move to the others.
+ACTOR_RESTART_WAIT_S = 30.0
+MAX_FAILED_STEPS = 2  # a request in this many steps that raised fails (retried once)
 MAX_SAMPLES = 8192  # (new tokens, attended KV, period) of the latest steps, for calibration
 
 
@@ -38,8 +46,12 @@ class ActorLink(Protocol):
         """What a failed step means: "died" (state lost, wait for the actor), "failed" (the
         step raised: its requests fail), "cancelled"."""
 
-    async def wait_until_back(self) -> None:
-        """Return once the actor answers again (after a crash and restart)."""
+    async def wait_until_back(self, give_up_s: float | None = None) -> bool:
+        """True once the actor answers again (after a crash and restart); False if it has not
+        within `give_up_s` (None: wait for as long as it takes)."""
+
+    def restart(self) -> None:
+        """A hung actor (a step past its deadline): kill it so that it is restarted."""
 
 
 class Sink(Protocol):
@@ -48,9 +60,16 @@ class Sink(Protocol):
     def record(self, worker: int, step: ScheduledBatch, result: StepResult,
                events: list[TokenEvent], period_s: float) -> None: ...
 
-    def fail(self, step: ScheduledBatch, message: str) -> None: ...
+    def fail(self, requests: list[Request], message: str) -> None: ...
 
     def actor_up(self, worker: int, up: bool) -> None: ...
+
+    def rerouted(self, moved: list[Request], stranded: list[Request]) -> None:
+        """An actor stays dead: `moved` now wait on other actors, `stranded` fit nowhere."""
+
+
+class StepTimeout(Exception):
+    """A step did not return before its deadline."""
 
 
 class DispatchStats:
@@ -105,11 +124,14 @@ class DispatchStats:
 
 class Dispatcher:
     def __init__(self, core: SchedulerCore, worker: int, link: ActorLink, sink: Sink,
-                 depth: int = 2) -> None:
+                 depth: int = 2, deadline_floor_s: float = DEADLINE_FLOOR_S,
+                 restart_wait_s: float = ACTOR_RESTART_WAIT_S) -> None:
         self.core, self.worker, self.link, self.sink = core, worker, link, sink
         self.depth = max(1, depth)
-        # (plan, its result to come, whether it was sent while another step was in flight)
-        self.in_flight: deque[tuple[ScheduledBatch, asyncio.Future, bool]] = deque()
+        self.deadline_floor_s, self.restart_wait_s = deadline_floor_s, restart_wait_s
+        # (plan, its result to come, whether it was sent while another step was in flight,
+        # the time by which its result must be back)
+        self.in_flight: deque[tuple[ScheduledBatch, asyncio.Future, bool, float]] = deque()
         self.stats = DispatchStats()
         self.stopping = False  # stop(): plan nothing more, commit what is in flight, return
         self._poked: asyncio.Future | None = None
@@ -141,22 +163,27 @@ class Dispatcher:
             if not self.stopping:
                 await self._wait(None, self._idle_timeout())
             return
-        step, future, pipelined = self.in_flight[0]
+        step, future, pipelined, deadline = self.in_flight[0]
         if len(self.in_flight) < self.depth and not future.done():
-            await self._wait(future, None)  # a result, or new work to plan meanwhile
+            await self._wait(future, max(0.0, deadline - time.monotonic()))  # a result, or new work
             if not future.done():
+                if time.monotonic() >= deadline:
+                    await self._failed(step, StepTimeout(f"step {step.iteration} passed its deadline"))
                 return
-        try:
-            # Shielded: cancelling this loop must not cancel the step (which then looks failed).
-            result = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            if not future.cancelled():
-                raise  # this loop is being cancelled
+        if not future.done():
+            # asyncio.wait neither cancels the step on a timeout nor when this loop is cancelled.
+            await asyncio.wait((future,), timeout=max(0.0, deadline - time.monotonic()))
+            if not future.done():
+                await self._failed(step, StepTimeout(f"step {step.iteration} passed its deadline"))
+                return
+        if future.cancelled():
             await self._failed(step, asyncio.CancelledError())
             return
-        except Exception as exc:  # noqa: BLE001 - classified by the link
-            await self._failed(step, exc)
+        error = future.exception()
+        if error is not None:  # classified by the link
+            await self._failed(step, error)
             return
+        result = future.result()
         self.in_flight.popleft()
         self._commit(step, result, pipelined)
 
@@ -165,7 +192,10 @@ class Dispatcher:
             step = self.core.plan(self.worker, time.monotonic())
             if step is None:
                 return
-            self.in_flight.append((step, self.link.submit(step.wire), bool(self.in_flight)))
+            now = time.monotonic()
+            start = max(now, self.in_flight[-1][3]) if self.in_flight else now
+            self.in_flight.append((step, self.link.submit(step.wire), bool(self.in_flight),
+                                   start + self._budget(step)))
 
     def _commit(self, step: ScheduledBatch, result: StepResult, pipelined: bool) -> None:
         events = self.core.commit(step, result, time.monotonic())
@@ -173,6 +203,12 @@ class Dispatcher:
         self._fill()  # the next plan goes out before the bookkeeping below
         period = self.stats.observe(step, result, pipelined)
         self.sink.record(self.worker, step, result, events, period)
+
+    def _budget(self, step: ScheduledBatch) -> float:
+        """How long a step may take: generous, from the cost model when there is one."""
+        cost = getattr(self.core.policy, "cost", None)
+        predicted = cost.iteration_time(step.num_new_tokens, step.num_attended_kv) if cost is not None else 0.0
+        return DEADLINE_FACTOR * predicted + self.deadline_floor_s
 
     def _idle_timeout(self) -> float | None:
         wake = self.core.next_wake(self.worker)
@@ -188,21 +224,43 @@ class Dispatcher:
 
     async def _failed(self, step: ScheduledBatch, exc: BaseException) -> None:
         """The step did not run: void everything in flight, then recover."""
-        kind = self.link.classify(exc)
+        kind = "hung" if isinstance(exc, StepTimeout) else self.link.classify(exc)
         self._void()
         if kind == "failed":
+            # The actor contains errors of the forward pass and sampling itself (the rows that
+            # cause them fail alone, see ModelActor.execute); a step that still raises failed
+            # outside that (a plan the actor refused): the actor is reset and the step's requests
+            # re-prefill once; one in a second failed step fails.
             logger.error("model actor %d failed a step: %s", self.worker, exc)
-            self.sink.fail(step, f"model error: {_cause(exc)!r}")
+            for req in step.requests:
+                req.num_failed_steps += 1
+            doomed = [r for r in step.requests if r.num_failed_steps >= MAX_FAILED_STEPS]
+            if doomed:
+                self.sink.fail(doomed, f"model error: {_cause(exc)!r}")
+        if kind == "hung":
+            logger.error("model actor %d: %s; restarting it", self.worker, exc)
+            self.link.restart()
         affected = self.core.reset_worker(self.worker, time.monotonic())
-        if kind == "died":
+        if kind in ("died", "hung"):
             logger.warning("model actor %d died; %d requests will re-prefill", self.worker, len(affected))
             self.sink.actor_up(self.worker, False)
-            await self.link.wait_until_back()
+            if not await self.link.wait_until_back(self.restart_wait_s):
+                await self._stays_dead()
             logger.warning("model actor %d is back", self.worker)
             self.sink.actor_up(self.worker, True)
 
+    async def _stays_dead(self) -> None:
+        """Move this actor's requests to the healthy ones (or fail them when none can hold
+        them), route nothing here, and wait for it to come back after all."""
+        moved, stranded = self.core.set_worker_down(self.worker, time.monotonic())
+        logger.error("model actor %d is still down after %.0f s: %d requests move to other actors, "
+                     "%d fit nowhere", self.worker, self.restart_wait_s, len(moved), len(stranded))
+        self.sink.rerouted(moved, stranded)
+        await self.link.wait_until_back(None)
+        self.core.set_worker_up(self.worker)
+
     def _void(self) -> None:
-        for _, future, _ in self.in_flight:
+        for _, future, _, _ in self.in_flight:
             future.add_done_callback(_retrieve)  # their late outcomes mean nothing now
         self.in_flight.clear()
 

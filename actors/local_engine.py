@@ -45,7 +45,10 @@ class ThreadLink:
     def classify(exc: BaseException) -> str:
         return "failed"  # in-process, a step that raises never kills the actor
 
-    async def wait_until_back(self) -> None:
+    async def wait_until_back(self, give_up_s: float | None = None) -> bool:
+        return True
+
+    def restart(self) -> None:
         return None
 
 
@@ -111,9 +114,9 @@ class LocalEngine:
         if model is not None and hasattr(self.core.policy, "set_cost"):
             self.core.policy.set_cost(model)
 
-    def fail(self, step: ScheduledBatch, message: str) -> None:
+    def fail(self, requests: list[Request], message: str) -> None:
         now = time.monotonic()
-        for req in step.requests:
+        for req in requests:
             if self.core.cancel(req.request_id, now) is not None:
                 self._done[req.request_id] = Completion(list(req.output_token_ids), "error",
                                                         req.arrival_time, req.first_token_time, now)

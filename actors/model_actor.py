@@ -33,13 +33,19 @@ from actors.model.loader import load_model, resolve_device
 from actors.model.profiling import peak_step_plan, run_peak_step
 from actors.model.sampler import Sampler, SampleRow
 from actors.naming import RAY_NAMESPACE, actor_name
-from actors.request_state import RequestStates
+from actors.request_state import RequestStates, StepRows
 from kv.cache import KVCache, KVShape, PlanError
 from kv.memory import MemorySnapshot
-from scheduler.plan import DiffPlan, Plan, StepResult, int_array
+from scheduler.plan import DiffPlan, Plan, StepResult, TokenResult, int_array
 
 __all__ = ["RAY_NAMESPACE", "ModelActor", "actor_name", "step_result"]
 MAX_GRAPH_BATCH = 512  # vLLM's default largest CUDA-graph batch
+# Fault injection for tests only: with FLUIDSERVE_FAULT_INJECTION=1 in the model actor's
+# environment, every forward pass that includes a request whose prompt starts with the token ids
+# FAULT_PROMPT raises (a model error pinned on that request; HTTP clients can send it as a
+# token-id prompt). Off by default; never set it in production.
+FAULT_INJECTION = os.environ.get("FLUIDSERVE_FAULT_INJECTION") == "1"
+FAULT_PROMPT = np.array([2, 0, 2, 0, 2, 0, 2, 0], dtype=np.int64)
 log = logging.getLogger(__name__)
 
 
@@ -89,6 +95,8 @@ class ModelActor:
         self.graphs = self._capture_graphs(max_num_seqs, enforce_eager)
         self.steps = 0
         self.last_step_time_s = 0.0
+        self.faults = 0  # steps that raised (then retried, or run row by row)
+        self.failed_rows = 0  # rows pinned as the cause of a failed step (their requests fail)
 
     def _capture_graphs(self, max_num_seqs: int, enforce_eager: bool) -> DecodeGraphRunner | None:
         """CUDA graphs of decode steps up to min(max_num_seqs, 512) rows, unless eager."""
@@ -112,28 +120,86 @@ class ModelActor:
         started_at, start = time.monotonic(), time.perf_counter()
         if isinstance(plan, DiffPlan):
             rows, epoch = self.states.apply(plan), plan.epoch
+            skip = self.states.failed_rows(rows)
         else:
             self._validate(plan)
             rows, epoch = rows_from_plan(plan), 0
-        tokens: list = []
-        if len(rows.slots):
-            batch = build_batch(rows, self.device, self.cache.block_size, self.staging)
-            meta = self.backend.prepare(batch, self.cache)
-            logits = self._forward(batch, meta)
-            context = rows.context_lens
-            sample_rows = [SampleRow(rows.request_ids[i], rows.sampling[i], int(context[i]))
-                           for i in batch.sample_chunks]
-            tokens = self.sampler(logits, sample_rows)
+            skip = np.zeros(len(rows.slots), dtype=bool)
+        tokens, failed = self._run_contained(rows, skip) if len(rows.slots) else ([], skip.copy())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if isinstance(plan, DiffPlan):
-            self.states.advance(rows, np.array([t.token_id for t in tokens], dtype=np.int64))
+            sampled = np.array([t.token_id for t in tokens], dtype=np.int64)
+            failed[np.flatnonzero(rows.sample)[sampled < 0]] = True  # the sampler refused the row
+            self.states.advance(rows, sampled, failed)
         self.steps += 1
         self.last_step_time_s = time.perf_counter() - start
-        result = step_result(plan.worker, plan.iteration, epoch, tokens, self.last_step_time_s, started_at)
+        unsampled = [rows.request_ids[i] for i in np.flatnonzero(failed & ~rows.sample).tolist()]
+        result = step_result(plan.worker, plan.iteration, epoch, tokens, self.last_step_time_s, started_at,
+                             unsampled)
         if isinstance(plan, Plan):
             result.request_ids = [t.request_id for t in tokens]
         return result
+
+    def _run_contained(self, rows: StepRows, skip: np.ndarray) -> tuple[list[TokenResult], np.ndarray]:
+        """(tokens of the sampled rows in plan order, failed rows). A failure stays with the
+        request that caused it: a step that raises is run once more (a transient fault), then
+        row by row, and only the rows that raise alone fail (token -1, "error"); rows of a request
+        that failed before (`skip`) are not computed. The other requests' KV is written as if
+        nothing happened (the same positions, the same values): nothing is reset."""
+        if not skip.any():
+            try:
+                return self._step(rows), skip.copy()
+            except PlanError:
+                raise
+            except Exception:  # contained below
+                log.exception("model actor %d: a step failed; running it once more", self.worker_id)
+                self.faults += 1
+        return self._run_parts(rows, skip)
+
+    def _run_parts(self, rows: StepRows, skip: np.ndarray) -> tuple[list[TokenResult], np.ndarray]:
+        failed = skip.copy()
+        keep = np.flatnonzero(~skip)
+        by_row: dict[int, TokenResult] = {}
+        try:
+            by_row.update(zip(keep[rows.sample[keep]].tolist(), self._step(rows.subset(keep))))
+        except PlanError:
+            raise
+        except Exception:  # pinned on its rows below
+            log.exception("model actor %d: the step failed again; running its rows alone", self.worker_id)
+            for i in keep.tolist():
+                try:
+                    by_row.update(zip([i] if rows.sample[i] else [], self._step(rows.subset([i]))))
+                except Exception as exc:  # noqa: BLE001 - this row's request fails alone
+                    log.error("model actor %d: request %s fails its step: %r", self.worker_id,
+                              rows.request_ids[i], exc)
+                    failed[i] = True
+                    self.failed_rows += 1
+        sampled = np.flatnonzero(rows.sample).tolist()
+        tokens = [by_row.get(i) or TokenResult(rows.request_ids[i], -1, "error") for i in sampled]
+        return tokens, failed
+
+    def _step(self, rows: StepRows) -> list[TokenResult]:
+        """One forward pass over `rows` and the sampling of its sampled rows."""
+        if not len(rows.slots):
+            return []
+        if FAULT_INJECTION and self._injected_fault(rows):
+            raise RuntimeError("injected model fault (FLUIDSERVE_FAULT_INJECTION)")
+        batch = build_batch(rows, self.device, self.cache.block_size, self.staging)
+        meta = self.backend.prepare(batch, self.cache)
+        logits = self._forward(batch, meta)
+        context = rows.context_lens
+        sample_rows = [SampleRow(rows.request_ids[i], rows.sampling[i], int(context[i]))
+                       for i in batch.sample_chunks]
+        return self.sampler(logits, sample_rows)
+
+    def _injected_fault(self, rows: StepRows) -> bool:
+        n = len(FAULT_PROMPT)
+        for slot in rows.slots.tolist():
+            tokens = self.states.tokens[slot] if slot < len(self.states.tokens) else None
+            if tokens is not None and len(tokens) >= n and np.array_equal(tokens[:n], FAULT_PROMPT):
+                return True
+        return False
 
     def logits(self, plan: Plan) -> torch.Tensor:
         """fp32 logits of the plan's sampled rows, in plan order, without sampling: what
@@ -171,7 +237,8 @@ class ModelActor:
         }
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "worker_id": self.worker_id, "steps": self.steps,
+        return {"ok": True, "worker_id": self.worker_id, "steps": self.steps, "faults": self.faults,
+                "failed_rows": self.failed_rows, "resident": self.states.num_live,
                 "last_step_time_s": self.last_step_time_s, "device": str(self.device),
                 "num_threads": torch.get_num_threads()}
 
@@ -184,9 +251,13 @@ class ModelActor:
 
 
 def step_result(worker: int, iteration: int, epoch: int, tokens: list, step_time_s: float,
-                started_at: float) -> StepResult:
-    """The compact result of a step from the sampler's per-row tokens."""
-    stops = int_array(i for i, t in enumerate(tokens) if t.finish_reason)
+                started_at: float, failed: list[str] = ()) -> StepResult:
+    """The compact result of a step from the sampler's per-row tokens; `failed`: requests whose
+    rows that sample nothing failed (a failed sampled row is a token with reason "error")."""
+    stops = int_array(i for i, t in enumerate(tokens) if t.finish_reason == "stop")
     logprobs = [t.logprob for t in tokens] if any(t.logprob is not None for t in tokens) else None
+    tops = [t.top_logprobs for t in tokens] if any(t.top_logprobs is not None for t in tokens) else None
+    failed = [t.request_id for t in tokens if t.finish_reason == "error"] + list(failed)
     return StepResult(worker, iteration, int_array(t.token_id for t in tokens), stops,
-                      step_time_s, logprobs, epoch, started_at, time.monotonic())
+                      step_time_s, logprobs, epoch, started_at, time.monotonic(),
+                      top_logprobs=tops, failed=failed or None)

@@ -1,5 +1,5 @@
 """EngineArgs, and the model actors the scheduler creates from them: one per GPU (or per CPU box),
-named `fluidserve-model-<i>`, placed by Ray.
+named `fluidserve-<app>-<replica>-model-<i>` (`actors.naming`), placed by Ray.
 
 `model_actor_resources` are the Ray resources of each model actor: `num_gpus`, `num_cpus`, and any
 custom resource (e.g. `{"model_node": 1}` to put model actors on the nodes started with that
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from actors.sim_actor import is_sim_model
 logger = logging.getLogger("fluidserve.scheduler")
 STALE_ACTOR_TIMEOUT_S = 60.0  # how long a dead scheduler's model actor may take to go away
 STANDARD_RESOURCES = ("num_cpus", "num_gpus", "memory")
+FORWARDED_ENV = ("FLUIDSERVE_FAULT_INJECTION",)
 
 
 @dataclass
@@ -45,6 +47,17 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
     max_queue_len: int = 0  # 0: sized from the KV capacity
+    # A request not admitted (first scheduled) within this many seconds of its arrival gets 503
+    # with Retry-After (an SSE error event when streaming); 0: no bound. Nested WAIT may hold
+    # arrivals back while KV is projected full: this bounds that wait.
+    max_queue_wait_s: float = 60.0
+    # Prompt tokens of requests waiting for admission; a request past it gets 429. 0: no bound.
+    max_queued_tokens: int = 0
+    # Liveness: a model call may take 10x the cost model's prediction plus this floor (past it
+    # the actor is deemed hung and restarted); an actor not back this long after a crash has its
+    # requests moved to the other actors (503 when none is left).
+    step_deadline_floor_s: float = 30.0
+    actor_restart_wait_s: float = 30.0
     dtype: str = "auto"
     attention: str = "auto"
     cost_file: str | None = None
@@ -66,8 +79,9 @@ class EngineArgs:
     sim_output_lengths: str | None = None
 
 
-async def create_model_actors(a: EngineArgs) -> list[Any]:
-    """Start (or replace stale) model actors; returns their handles in index order."""
+async def create_model_actors(a: EngineArgs, owner: str) -> list[Any]:
+    """Start the model actors of `owner` (`actors.naming.owner_scope`); returns their handles in
+    index order. Names held already (an earlier start-up attempt of this same owner) are freed."""
     res = dict(a.model_actor_resources)
     num_gpus, num_cpus = float(res.get("num_gpus", 0)), float(res.get("num_cpus", 1))
     custom = {k: float(v) for k, v in res.items() if k not in STANDARD_RESOURCES}
@@ -86,12 +100,12 @@ async def create_model_actors(a: EngineArgs) -> list[Any]:
         strategy = pg
     actors = []
     for i in range(a.num_model_actors):
-        await kill_stale(actor_name(i))
+        await kill_stale(actor_name(i, owner))
         options: dict[str, Any] = {
-            "name": actor_name(i), "namespace": RAY_NAMESPACE, "num_cpus": num_cpus, "num_gpus": num_gpus,
+            "name": actor_name(i, owner), "namespace": RAY_NAMESPACE, "num_cpus": num_cpus, "num_gpus": num_gpus,
             "max_restarts": -1, "max_task_retries": 0, "max_concurrency": MAX_CONCURRENCY,
             # Idle OpenMP threads spin and steal the cores other actors need.
-            "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+            "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **_forwarded_env()}},
         }
         if custom:
             options["resources"] = custom
@@ -110,10 +124,15 @@ async def create_model_actors(a: EngineArgs) -> list[Any]:
     return actors
 
 
+def _forwarded_env() -> dict[str, str]:
+    """Test-only switches the model actors must see too (see ModelActor's fault injection)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
 async def kill_stale(name: str, timeout_s: float = STALE_ACTOR_TIMEOUT_S) -> None:
-    """A model actor left by a previous scheduler replica holds the name: kill it, then wait
-    until the GCS releases the name (ray.kill is asynchronous; creating the new actor before
-    that fails with "name already taken")."""
+    """A model actor of an earlier start-up attempt of this owner holds the name: kill it, then
+    wait until the GCS releases the name (ray.kill is asynchronous; creating the new actor
+    before that fails with "name already taken"). Names are per owner: never another's actor."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -122,6 +141,6 @@ async def kill_stale(name: str, timeout_s: float = STALE_ACTOR_TIMEOUT_S) -> Non
             return  # the name is free
         if time.monotonic() > deadline:
             raise RuntimeError(f"the stale model actor {name!r} did not go away in {timeout_s:.0f} s")
-        logger.warning("killing the stale model actor %s left by a previous scheduler", name)
+        logger.warning("killing the model actor %s left by an earlier start-up attempt", name)
         ray.kill(stale, no_restart=True)
         await asyncio.sleep(0.2)

@@ -9,8 +9,10 @@ and `wait_until_back` probes the restarting actor until it answers, so streams j
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import ray
 from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 
 from scheduler.plan import DiffPlan
@@ -36,11 +38,18 @@ class RayActorLink:
             return "died"
         return "failed"
 
-    async def wait_until_back(self) -> None:
+    async def wait_until_back(self, give_up_s: float | None = None) -> bool:
         # Calls made while the actor restarts fail or wait: probe until one answers.
-        while True:
+        deadline = None if give_up_s is None else time.monotonic() + give_up_s
+        while deadline is None or time.monotonic() < deadline:
+            timeout = self.probe_timeout_s if deadline is None else max(0.1, min(self.probe_timeout_s,
+                                                                                   deadline - time.monotonic()))
             try:
-                await asyncio.wait_for(self.handle.health.remote(), timeout=self.probe_timeout_s)
-                return
+                await asyncio.wait_for(self.handle.health.remote(), timeout=timeout)
+                return True
             except (RayActorError, asyncio.TimeoutError):
                 await asyncio.sleep(0.5)
+        return False
+
+    def restart(self) -> None:
+        ray.kill(self.handle, no_restart=False)

@@ -50,6 +50,21 @@ class StepRows:
     tables: np.ndarray | None = None  # [B, max blocks] int32, zero padded
     table_lens: np.ndarray | None = None  # [B] blocks per row
 
+    def subset(self, keep: np.ndarray) -> StepRows:
+        """The rows at indices `keep` (ascending), with their materialized inputs: a step run
+        in parts (a row that failed excluded, or each row alone to find the one that fails)."""
+        keep = np.asarray(keep, dtype=_I64)
+        out = StepRows(self.slots[keep], self.num_tokens[keep], self.start_pos[keep], self.sample[keep],
+                       [self.request_ids[i] for i in keep.tolist()], [self.sampling[i] for i in keep.tolist()])
+        if self.input_ids is not None:
+            offsets = np.cumsum(self.num_tokens) - self.num_tokens
+            n = self.num_tokens[keep]
+            at = np.arange(int(n.sum()), dtype=_I64) + np.repeat(offsets[keep] - (np.cumsum(n) - n), n)
+            out.input_ids, out.positions = self.input_ids[at], self.positions[at]
+            out.slot_mapping = self.slot_mapping[at]
+            out.tables, out.table_lens = self.tables[keep], self.table_lens[keep]
+        return out
+
     @property
     def context_lens(self) -> np.ndarray:
         return self.start_pos + self.num_tokens
@@ -92,6 +107,8 @@ class RequestStates:
         self.prompt_len = grown("prompt_len", _I64)  # of those, the prompt's
         self.last_token = grown("last_token", _I64)
         self.seed = grown("seed", np.uint64)  # per-request stream of simulated tokens
+        # A row of this request failed (its request ends): later rows of it are not computed.
+        self.failed = grown("failed", bool)
         for name in ("request_ids", "sampling", "tokens"):
             values = getattr(self, name, [])
             setattr(self, name, values + [None] * (size - len(values)))
@@ -103,6 +120,7 @@ class RequestStates:
 
     def clear(self) -> None:
         self.live.fill(False)
+        self.failed.fill(False)
         self.blocks.clear()
         for name in ("request_ids", "sampling", "tokens"):
             getattr(self, name)[:] = [None] * len(self.live)
@@ -212,11 +230,13 @@ class RequestStates:
         live_freed = freed[self.live[freed]]
         self.blocks.release(live_freed)
         self.live[live_freed] = False
+        self.failed[live_freed] = False
         for s in live_freed.tolist():
             self.request_ids[s] = self.sampling[s] = self.tokens[s] = None
         for slot, r, tokens, blocks in zip(new_slots.tolist(), news, new_tokens, new_blocks):
             self.blocks.assign(slot, blocks)
             self.live[slot] = True
+            self.failed[slot] = False
             self.computed[slot] = 0
             self.known[slot] = self.prefill_len[slot] = len(tokens)
             self.prompt_len[slot] = r.prompt_len or len(tokens)
@@ -242,12 +262,20 @@ class RequestStates:
         rows.tables, rows.table_lens = self.blocks.rows(slots)
 
     # -- after the step ----------------------------------------------------------------------------
-    def advance(self, rows: StepRows, sampled: np.ndarray) -> None:
-        """The step computed its rows' tokens and sampled `sampled` (one per sampling row)."""
+    def advance(self, rows: StepRows, sampled: np.ndarray, failed: np.ndarray | None = None) -> None:
+        """The step computed its rows' tokens and sampled `sampled` (one per sampling row);
+        `failed` (bool per row) marks rows that failed: their requests end, and the rows of
+        them already planned are skipped (their input is never a failed row's -1)."""
         self.computed[rows.slots] += rows.num_tokens
         took = rows.slots[rows.sample]
-        self.last_token[took] = sampled
+        self.last_token[took] = np.maximum(sampled, 0)
         self.known[took] += 1
+        if failed is not None and failed.any():
+            self.failed[rows.slots[failed]] = True
+
+    def failed_rows(self, rows: StepRows) -> np.ndarray:
+        """Bool per row: the row's request failed in an earlier step."""
+        return self.failed[rows.slots]
 
 
 def request_seed(request_id: str) -> int:

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from actors.dispatch import Dispatcher
+from actors.naming import actor_name, owner_scope
 from actors.placement import EngineArgs, create_model_actors
 from actors.recovery import RayActorLink
 from actors.streams import StreamHub
@@ -38,6 +39,9 @@ __all__ = ["EngineArgs", "SchedulerActor"]
 logger = logging.getLogger("fluidserve.scheduler")
 # A thread rendering /metrics hands the interpreter back to the event loop this often.
 GIL_SWITCH_INTERVAL_S = 0.001
+START_ATTEMPTS = 3  # start-up (model actors, their capacity) is retried with backoff
+START_BACKOFF_S = 2.0
+CAPACITY_TIMEOUT_S = 900.0  # model actors load their weights (and profile, on a GPU) before answering
 
 
 class SchedulerActor:
@@ -47,6 +51,7 @@ class SchedulerActor:
         self.metrics = ServingMetrics(self.model_name)
         self.metrics_cache = MetricsCache(self.metrics, args.metrics_refresh_s)
         self.actors: list[Any] = []  # Ray handles of the model actors
+        self.owner = owner_scope()  # their names: fluidserve-<app>-<replica>-model-<i>
         self.core: SchedulerCore | None = None
         self.capacity: dict[str, Any] = {}
         self.hub = StreamHub(args.stream_interval_s)
@@ -68,24 +73,37 @@ class SchedulerActor:
 
     # -- start-up ------------------------------------------------------------------------------
     async def _start(self) -> None:
-        try:
-            self.actors = await create_model_actors(self.args)
-            caps = await asyncio.gather(*(a.capacity.remote() for a in self.actors))
-            self.capacity = caps[0]
-            self.core = self._build_core(caps)
-            pool = self.core.workers[0].pool
-            self._cost_fit = OnlineCostFit(kv_capacity_tokens=pool.capacity_tokens, block_size=pool.block_size)
-            for i, handle in enumerate(self.actors):
-                self.metrics.set_worker_up(i, True)
-                self.metrics.set_kv(i, 0, caps[i]["kv_capacity_tokens"])
-                self.dispatchers.append(Dispatcher(self.core, i, RayActorLink(handle), self,
-                                                   self.args.dispatch_depth))
-            self._loops = [asyncio.create_task(d.run()) for d in self.dispatchers]
-            self._ready.set()
-        except Exception as exc:  # surfaced through health() and every request
-            logger.exception("scheduler start-up failed")
-            self._start_error = f"{type(exc).__name__}: {exc}"
-            self._ready.set()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                await self._start_once()
+                self._ready.set()
+                return
+            except Exception as exc:  # surfaced through health(), check_health() and every request
+                logger.exception("scheduler start-up failed (attempt %d of %d)", attempt, START_ATTEMPTS)
+                self._start_error = f"{type(exc).__name__}: {exc}"
+                if attempt < START_ATTEMPTS:
+                    await asyncio.sleep(START_BACKOFF_S * 2 ** (attempt - 1))
+        self._ready.set()
+
+    async def _start_once(self) -> None:
+        self.actors = await create_model_actors(self.args, self.owner)
+        # Bounded: a model actor that never finishes loading must not hang every request.
+        caps = await asyncio.wait_for(asyncio.gather(*(a.capacity.remote() for a in self.actors)),
+                                      CAPACITY_TIMEOUT_S)
+        self.capacity = caps[0]
+        self.core = self._build_core(caps)
+        pool = self.core.workers[0].pool
+        self._cost_fit = OnlineCostFit(kv_capacity_tokens=pool.capacity_tokens, block_size=pool.block_size)
+        a = self.args
+        for i, handle in enumerate(self.actors):
+            self.metrics.set_worker_up(i, True)
+            self.metrics.set_kv(i, 0, caps[i]["kv_capacity_tokens"])
+            self.dispatchers.append(Dispatcher(self.core, i, RayActorLink(handle), self, a.dispatch_depth,
+                                               a.step_deadline_floor_s, a.actor_restart_wait_s))
+        self._loops = [asyncio.create_task(d.run()) for d in self.dispatchers]
+        if a.max_queue_wait_s > 0:
+            self._loops.append(asyncio.create_task(self._expire_loop()))
+        self._start_error = None
 
     def _build_core(self, caps: list[dict]) -> SchedulerCore:
         a = self.args
@@ -100,7 +118,8 @@ class SchedulerActor:
         # Default queue bound: a few KV caches' worth of 256-token requests. Past it, 429.
         queue_len = a.max_queue_len or max(64, 4 * total_tokens // 256)
         return SchedulerCore(policy, [c["num_blocks"] for c in caps], caps[0]["block_size"],
-                             max_model_len=caps[0]["max_model_len"], max_queue_len=queue_len)
+                             max_model_len=caps[0]["max_model_len"], max_queue_len=queue_len,
+                             max_queued_tokens=a.max_queued_tokens, max_queue_wait_s=a.max_queue_wait_s)
 
     # -- requests ------------------------------------------------------------------------------
     async def generate(self, request: dict) -> AsyncIterator[dict]:
@@ -142,6 +161,7 @@ class SchedulerActor:
             stop_token_ids=tuple(request.get("stop_token_ids") or ()),
             ignore_eos=bool(request.get("ignore_eos", False)),
             logprobs=bool(request.get("logprobs", False)),
+            top_logprobs=int(request.get("top_logprobs") or 0),
         )
         # No max_tokens: up to the context, or the KV cache when that is smaller (else every such
         # request would be rejected as too long for the cache).
@@ -153,11 +173,44 @@ class SchedulerActor:
         self.metrics.on_submit(req)
         return req
 
+    async def finish(self, request_id: str, num_tokens: int) -> bool:
+        """The ingress found a stop string at output token `num_tokens`: a finish, not a
+        cancellation (finish_reason "stop", latency recorded, the policy's length estimate fed
+        with the true length). False if the request is no longer running."""
+        if self.core is None:
+            return False
+        req = self.core.finish(request_id, int(num_tokens), time.monotonic())
+        if req is None:
+            return False
+        self.metrics.on_finish(req)
+        self.hub.wake(request_id)  # its generator sends the finish and ends
+        self.dispatchers[req.worker].poke()  # freed KV may let a waiting request in
+        return True
+
     def _cancel(self, rid: str) -> None:
         req = self.core.cancel(rid, time.monotonic()) if self.core else None
         if req is not None:
             self.metrics.on_cancel(req)
             self.dispatchers[req.worker].poke()  # freed KV may let a waiting request in
+
+    async def _expire_loop(self) -> None:
+        """Requests not admitted within max_queue_wait_s get 503 with Retry-After. The core
+        expires them before every plan; this also catches them while no plan is made."""
+        limit = self.args.max_queue_wait_s
+        period = min(1.0, max(0.05, limit / 10))
+        while True:
+            await asyncio.sleep(period)
+            self.core.expired += self.core.expire_waiting(limit, time.monotonic())
+            self._fail_expired()
+
+    def _fail_expired(self) -> None:
+        expired, self.core.expired = self.core.expired, []
+        limit = self.args.max_queue_wait_s
+        for req in expired:
+            self.hub.fail(req.request_id, f"the request was not admitted within max_queue_wait_s "
+                          f"({limit:g} s): the server is overloaded; retry later", status=503,
+                          code="queue_timeout", retry_after_s=max(1.0, limit / 4))
+            self.metrics.on_failure(req, "queue_timeout")
 
     # -- what the dispatch loops report (the Sink of actors.dispatch) ---------------------------
     def deliver(self, events: list[TokenEvent]) -> None:
@@ -166,24 +219,37 @@ class SchedulerActor:
     def record(self, worker: int, step: ScheduledBatch, result: StepResult,
                events: list[TokenEvent], period_s: float) -> None:
         m = self.metrics
+        if self.core.expired:
+            self._fail_expired()
         m.on_iteration(worker, result.step_time_s, step.num_new_tokens, len(step))
         if step.evicted:
             m.on_evictions(len(step.evicted))
         if events:
-            m.on_batch_tokens([ev.request for ev in events], time.monotonic())
+            m.on_batch_tokens([ev.request for ev in events if ev.finish_reason != "error"], time.monotonic())
             for ev in events:
-                if ev.finish_reason:
+                if ev.finish_reason == "error":
+                    m.on_failure(ev.request, "model_error")
+                elif ev.finish_reason:
                     m.on_finish(ev.request)
         self._learn_cost(step, period_s)
 
-    def fail(self, step: ScheduledBatch, message: str) -> None:
+    def fail(self, requests: list[Request], message: str, reason: str = "model_error", **info) -> None:
+        """End these requests with a typed error in their own streams (`info`: see StreamHub.fail)."""
         now = time.monotonic()
-        for req in step.requests:
-            self.hub.fail(req.request_id, message)
-            self.core.cancel(req.request_id, now)
+        for req in requests:
+            self.hub.fail(req.request_id, message, **info)
+            if self.core.cancel(req.request_id, now) is not None:
+                self.metrics.on_failure(req, reason)
 
     def actor_up(self, worker: int, up: bool) -> None:
         self.metrics.set_worker_up(worker, up)
+
+    def rerouted(self, moved: list[Request], stranded: list[Request]) -> None:
+        self.fail(stranded, "no model actor is available for this request: its actor stays down "
+                  "and no other can hold it; retry later", "actor_unavailable", status=503,
+                  code="service_unavailable", retry_after_s=5.0)
+        for worker in {req.worker for req in moved}:
+            self.dispatchers[worker].poke()
 
     def _learn_cost(self, step: ScheduledBatch, period_s: float) -> None:
         """Fit the iteration-time model online, so thresholds follow the real engine: a step's
@@ -202,6 +268,19 @@ class SchedulerActor:
             raise RuntimeError(self._start_error)
         return {**self.capacity, "model_name": self.model_name, "policy": self.core.policy.describe(),
                 "num_model_actors": len(self.actors)}
+
+    async def check_health(self) -> None:
+        """Serve's health check of this replica: unhealthy (Serve replaces it) when start-up
+        failed for good or a dispatch loop has ended."""
+        self._ensure_started()
+        if not self._ready.is_set():
+            return
+        if self._start_error:
+            raise RuntimeError(f"start-up failed: {self._start_error}")
+        for task in self._loops:
+            if task.done():
+                error = None if task.cancelled() else task.exception()
+                raise RuntimeError(f"a dispatch loop ended: {error!r}")
 
     async def health(self) -> dict:
         self._ensure_started()
@@ -247,6 +326,9 @@ class SchedulerActor:
             "streams": len(self.hub),
             "iterations": self.core.iterations,
             "evictions": self.core.num_evictions,
+            "epochs": [q.epoch for q in self.core.workers],  # resets of each model actor
+            "actor_names": [actor_name(i, self.owner) for i in range(len(self.actors))],
+            "healthy": [q.healthy for q in self.core.workers],
             "busy": [q.busy for q in self.core.workers],
             "next_wake_in_s": [None if (t := self.core.next_wake(i)) is None else t - time.monotonic()
                                for i in range(len(self.core.workers))],

@@ -23,7 +23,8 @@ from scheduler.request import Request
 class Stream:
     """One request's stream: what its generator has sent, and the future it waits on."""
 
-    __slots__ = ("request", "sent", "last_sent", "waiter", "error", "queued", "logprobs", "done")
+    __slots__ = ("done", "error", "error_info", "last_sent", "logprobs", "queued", "request", "sent", "tops",
+                 "waiter")
 
     def __init__(self, request: Request) -> None:
         self.request = request
@@ -31,8 +32,11 @@ class Stream:
         self.last_sent: float | None = None  # None: nothing sent yet (the first token goes at once)
         self.waiter: asyncio.Future | None = None
         self.error: str | None = None
+        self.error_info: dict = {}  # with an error: its HTTP status, code, Retry-After seconds
         self.queued = False  # waiting in the flusher's heap
         self.logprobs: list[float | None] | None = [] if request.sampling.logprobs else None
+        # Per token, the top-N alternatives (OpenAI's top_logprobs), when asked for.
+        self.tops: list | None = [] if request.sampling.logprobs and request.sampling.top_logprobs > 0 else None
         self.done = False
 
     def final(self) -> bool:
@@ -51,14 +55,21 @@ class Stream:
         tokens = self.request.output_token_ids
         out = tokens[self.sent :]
         logprobs = self.logprobs[self.sent : self.sent + len(out)] if self.logprobs is not None else []
+        message = {"token_ids": out, "finish_reason": None, "logprobs": logprobs}
+        if self.tops is not None:
+            message["top_logprobs"] = self.tops[self.sent : self.sent + len(out)]
         self.sent += len(out)
         self.last_sent = now
+        reason = self.request.finish_reason
+        if self.error is None and reason == "error":
+            self.error = "model error: this request's step failed on the model actor"
         if self.error is not None:
             self.done = True
-            return {"token_ids": out, "finish_reason": "error", "logprobs": logprobs, "error": self.error}
-        reason = self.request.finish_reason
+            message.update(finish_reason="error", error=self.error, **self.error_info)
+            return message
         self.done = reason is not None and self.sent >= len(tokens)
-        return {"token_ids": out, "finish_reason": reason if self.done else None, "logprobs": logprobs}
+        message["finish_reason"] = reason if self.done else None
+        return message
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -98,8 +109,10 @@ class StreamHub:
             stream = streams.get(ev.request.request_id)
             if stream is None:
                 continue
-            if stream.logprobs is not None:
+            if stream.logprobs is not None and ev.token_id >= 0:
                 stream.logprobs.append(ev.logprob)
+                if stream.tops is not None:
+                    stream.tops.append(ev.top_logprobs)
             if stream.waiter is None:
                 continue  # busy sending: it looks again when it is done
             last = stream.last_sent
@@ -108,10 +121,16 @@ class StreamHub:
             elif not stream.queued:
                 self._queue(stream, last + interval)
 
-    def fail(self, request_id: str, message: str) -> None:
+    def wake(self, request_id: str) -> None:
         stream = self.streams.get(request_id)
         if stream is not None:
-            stream.error = message
+            stream.wake()
+
+    def fail(self, request_id: str, message: str, **info) -> None:
+        """End the stream with an error; `info`: status (HTTP, default 500), code, retry_after_s."""
+        stream = self.streams.get(request_id)
+        if stream is not None:
+            stream.error, stream.error_info = message, info
             stream.wake()
 
     def _queue(self, stream: Stream, when: float) -> None:

@@ -50,6 +50,10 @@ class AppArgs(EngineArgs):
             raise ValueError(f"stream_interval_s must be >= 0, got {out.stream_interval_s}")
         if out.dispatch_depth < 1:
             raise ValueError(f"dispatch_depth must be at least 1, got {out.dispatch_depth}")
+        if not out.max_queue_wait_s >= 0:
+            raise ValueError(f"max_queue_wait_s must be >= 0 (0: no bound), got {out.max_queue_wait_s}")
+        if out.max_queued_tokens < 0:
+            raise ValueError(f"max_queued_tokens must be >= 0 (0: no bound), got {out.max_queued_tokens}")
         if not out.metrics_refresh_s >= 0:
             raise ValueError(f"metrics_refresh_s must be >= 0, got {out.metrics_refresh_s}")
         if is_sim_model(out.model):

@@ -26,6 +26,7 @@ from deploy.outputs import Delta, OutputAssembler
 from deploy.prepare import ModelLimits, PromptBuilder, check_length, check_vocab
 from deploy.protocol import APIError, ChatRequest, CompletionRequest, parse
 from deploy.responses import ChatFormat, CompletionFormat, new_id, usage
+from deploy.scheduler_stream import SchedulerLost, SchedulerStream
 from deploy.tokenizer import load_tokenizer, served_model_name
 from monitoring.metrics import CONTENT_TYPE
 
@@ -67,9 +68,22 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
 def _scheduler_lost(exc: Exception) -> APIError:
     """The scheduler replica died under a request (Serve restarts it): a clear, retryable 503."""
     logger.warning("scheduler call failed: %s: %s", type(exc).__name__, exc)
-    return APIError(503, "the scheduler restarted and this request was lost; retry it",
+    return APIError(503, "the scheduler restarted and could not take this request back; retry it",
                     "service_unavailable_error", code="scheduler_unavailable",
                     headers={"Retry-After": str(SCHEDULER_RETRY_AFTER_S)})
+
+
+def _stream_error(msg: dict) -> APIError:
+    """A request that failed after admission: a model error (500), a queue timeout (503 with
+    Retry-After), no model actor left (503)."""
+    status = int(msg.get("status") or 500)
+    if status >= 500 and status != 503:
+        return APIError(status, f"generation failed: {msg['error']}", "internal_error",
+                        code=msg.get("code") or "model_error")
+    retry = msg.get("retry_after_s")
+    headers = {"Retry-After": str(max(1, round(retry)))} if retry else {}
+    return APIError(status, msg["error"], "service_unavailable_error" if status == 503 else "invalid_request_error",
+                    code=msg.get("code"), headers=headers)
 
 
 @serve.ingress(app)
@@ -227,44 +241,46 @@ class Ingress:
     async def _generate(self, ids: list[int], req, max_tokens: int | None):
         """Submit to the scheduler; returns (prompt_tokens, async iterator of Deltas). Admission
         errors (400/429/503) raise here, before any response is started."""
-        stream = self.scheduler.options(stream=True).generate.remote({
+        stream = SchedulerStream(self.scheduler, {
             "prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": req.temperature,
             "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed,
             "stop_token_ids": req.stop_token_ids or [], "ignore_eos": req.ignore_eos,
             "logprobs": req.wants_logprobs, "top_logprobs": req.num_top_logprobs,
         })
         try:
-            first = await stream.__anext__()
+            first = await stream.open()
         except Exception as exc:  # noqa: BLE001 - any failure to reach the scheduler is a 503
             raise _scheduler_lost(exc) from None
         if "error" in first:
             err = first["error"]
-            headers = {"Retry-After": str(max(1, round(err.get("retry_after_s") or 1)))} if err["status"] == 429 else {}
-            raise APIError(err["status"], err["message"], code=err["code"],
-                           type_="rate_limit_error" if err["status"] == 429 else "invalid_request_error",
-                           headers=headers)
+            status = err["status"]
+            retry = status in (429, 503)
+            headers = {"Retry-After": str(max(1, round(err.get("retry_after_s") or 1)))} if retry else {}
+            kind = {429: "rate_limit_error", 503: "service_unavailable_error"}.get(status, "invalid_request_error")
+            raise APIError(status, err["message"], code=err["code"], type_=kind, headers=headers)
         output = OutputAssembler(self.tokenizer, req.stop or [], req.wants_logprobs)
         return first["prompt_tokens"], self._deltas(stream, output)
 
     @staticmethod
-    async def _deltas(stream, output: OutputAssembler) -> AsyncIterator[Delta]:
-        """One Delta per scheduler message, up to the finishing one."""
+    async def _deltas(stream: SchedulerStream, output: OutputAssembler) -> AsyncIterator[Delta]:
+        """One Delta per scheduler message, up to the finishing one (across a scheduler restart:
+        see deploy.scheduler_stream). A stop string found here ends the request as a finish (the
+        scheduler is told after how many tokens) before the stream is closed, which would count
+        as a cancellation."""
         try:
-            while True:
-                try:
-                    msg = await stream.__anext__()
-                except StopAsyncIteration:
-                    return
-                except Exception as exc:  # noqa: BLE001 - the scheduler died mid-stream
-                    raise _scheduler_lost(exc) from None
+            async for msg in stream.messages():
                 if msg.get("error"):
-                    raise APIError(500, f"generation failed: {msg['error']}", "internal_error")
+                    raise _stream_error(msg)
                 delta = output.feed(msg)
+                if delta.finish_reason and msg["finish_reason"] is None:
+                    await stream.finish(delta.completion_tokens)
                 yield delta
                 if delta.finish_reason:
                     return
+        except SchedulerLost as exc:
+            raise _scheduler_lost(exc) from None
         finally:
-            stream.cancel()  # no-op when finished; frees the KV of an abandoned request at once
+            stream.close()  # frees the KV of an abandoned request at once
 
     @staticmethod
     async def _stream_chunks(req, fmt, prompt_tokens: int, deltas) -> AsyncIterator[dict]:

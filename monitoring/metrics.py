@@ -36,6 +36,7 @@ INTER_TOKEN_BUCKETS = (
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
+FAILURE_REASONS = ("model_error", "queue_timeout", "actor_unavailable")
 REQUEST_LATENCY_BUCKETS = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
@@ -151,6 +152,11 @@ class ServingMetrics:
                                   "each restarts from prefill.", ["model_name"]).labels(*m)
         self._cancelled = counter("request_cancelled", "Requests cancelled by the client.",
                                   ["model_name"]).labels(*m)
+        self._failures = counter("request_failure", "Requests that ended in an error, by reason "
+                                 "(model_error: its step failed on the model actor; "
+                                 "actor_unavailable: no model actor left that can hold it; "
+                                 "queue_timeout: not admitted within max_queue_wait_s).",
+                                 ["model_name", "reason"])
         self._arrivals = counter("request_arrivals", "Requests accepted by the scheduler.",
                                  ["model_name"]).labels(*m)
 
@@ -190,6 +196,8 @@ class ServingMetrics:
 
         self._success_by_reason = {r: self._success.labels(model_name, r) for r in FINISH_REASONS}
         self._rejected_by_reason: dict[str, Counter] = {}
+        # Every known reason is exported from the start (at 0), so dashboards have a series.
+        self._failed_by_reason = {r: self._failures.labels(model_name, r) for r in FAILURE_REASONS}
         self._per_worker: dict[int, tuple] = {}  # worker -> its cached label children
         self._segments: list[tuple[Gauge, Gauge]] = []  # cached (queue, threshold) per segment
         # Time of the last token streamed, per request: the Request's own last_token_time may
@@ -276,6 +284,15 @@ class ServingMetrics:
         if child is None:
             child = self._success_by_reason[reason] = self._success.labels(self.model_name,
                                                                            reason)
+        child.inc()
+
+    def on_failure(self, req: Request | None, reason: str) -> None:
+        """`req` ended in an error (it gets a typed error in its own stream)."""
+        if req is not None:
+            self._last_token.pop(req.request_id, None)
+        child = self._failed_by_reason.get(reason)
+        if child is None:
+            child = self._failed_by_reason[reason] = self._failures.labels(self.model_name, reason)
         child.inc()
 
     def on_cancel(self, req: Request) -> None:

@@ -24,30 +24,19 @@ once those are back. The simulator plans and commits in turn, which is the same 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kv.blocks import BlockPool
-from scheduler.errors import DuplicateRequest, QueueFull, RequestTooLong, SchedulingError
+from scheduler.errors import DuplicateRequest, NoWorker, QueueFull, RequestTooLong, SchedulingError
+from scheduler.faults import FaultHandling
 from scheduler.plan import ScheduledBatch, StepResult
 from scheduler.policies.base import Batch, Policy
 from scheduler.queues import GroupQueues, WorkerQueues
-from scheduler.request import Request, RequestState
+from scheduler.request import Request, RequestState, TokenEvent
 from scheduler.rows import _RUNNING, RowScheduling
 
 _FINISHED, _CANCELLED = RequestState.FINISHED, RequestState.CANCELLED  # `is` tests: no enum hashing
 
 
-@dataclass(slots=True)
-class TokenEvent:
-    """One sampled token of one request, as the streams and metrics see it."""
-
-    request: Request
-    token_id: int
-    finish_reason: str | None
-    logprob: float | None = None
-
-
-class SchedulerCore(RowScheduling):
+class SchedulerCore(RowScheduling, FaultHandling):
     def __init__(
         self,
         policy: Policy,
@@ -56,12 +45,22 @@ class SchedulerCore(RowScheduling):
         max_model_len: int | None = None,
         max_queue_len: int = 0,
         materialize: bool = True,
+        max_queued_tokens: int = 0,
+        max_queue_wait_s: float = 0.0,
     ) -> None:
         blocks = num_blocks if isinstance(num_blocks, list) else [num_blocks]
         self.policy = policy
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_queue_len = max_queue_len  # 0: unbounded
+        # Prompt tokens of the requests not admitted yet (never scheduled): past this, 429.
+        self.max_queued_tokens = max_queued_tokens  # 0: unbounded
+        self.queued_tokens = 0
+        # A request not admitted within this many seconds of its arrival is never admitted: it
+        # ends with "timeout" (checked before every plan, so no admission waits longer) and waits
+        # in `expired` for the caller to tell its client. 0: no bound.
+        self.max_queue_wait_s = max_queue_wait_s
+        self.expired: list[Request] = []
         # The simulator sends no plans: skipping the wire form (token ids, blocks) keeps it fast.
         self.materialize = materialize
         self.workers = [
@@ -101,7 +100,11 @@ class SchedulerCore(RowScheduling):
         self.check(req.prompt_len, req.max_tokens)
         if self.max_queue_len and self.num_waiting >= self.max_queue_len:
             raise QueueFull(f"the admission queue is full ({self.max_queue_len} waiting requests)")
+        if self.max_queued_tokens and self.queued_tokens + req.prompt_len > self.max_queued_tokens:
+            raise QueueFull(f"the admission queue is full ({self.queued_tokens} prompt tokens wait; "
+                            f"max_queued_tokens is {self.max_queued_tokens})")
         req.worker = self._route(req)
+        self.queued_tokens += req.prompt_len
         req.group = self.policy.group_of(req)
         req.state = RequestState.WAITING
         req.waiting_since = now
@@ -109,13 +112,21 @@ class SchedulerCore(RowScheduling):
         self.workers[req.worker].groups[req.group].waiting[req.request_id] = req
         self.policy.on_arrival(req, now)
 
-    def _route(self, req: Request) -> int:
-        """The model actor with the least outstanding work (fills thresholds evenly)."""
-        return min(self.workers, key=lambda w: w.num_waiting + w.num_resident).worker
+    def _route(self, req: Request, exclude: int = -1) -> int:
+        """The healthy model actor with the least outstanding work (fills thresholds evenly)
+        whose KV pool can hold the whole request."""
+        need = req.prompt_len + req.max_tokens
+        fits = [w for w in self.workers if w.healthy and w.worker != exclude and w.pool.capacity_tokens >= need]
+        if not fits:
+            raise NoWorker("no model actor is available for this request (every one that could "
+                           "hold it is down); retry later")
+        return min(fits, key=lambda w: w.num_waiting + w.num_resident).worker
 
     # -- planning --------------------------------------------------------------------------
     def plan(self, worker: int, now: float) -> ScheduledBatch | None:
         """The next batch of `worker`, planned as if every batch in flight had run."""
+        if self.max_queue_wait_s:
+            self.expired += self.expire_waiting(self.max_queue_wait_s, now)
         q = self.workers[worker]
         if not q.has_work():
             return None
@@ -244,8 +255,9 @@ class SchedulerCore(RowScheduling):
             return []  # the actor's state was reset since: these tokens are void
         token_ids = result.token_ids
         stops = set(result.stop_rows) if len(result.stop_rows) else None
-        logprobs = result.logprobs
-        events: list[TokenEvent] = []
+        logprobs, tops = result.logprobs, result.top_logprobs
+        # Failed rows end their requests first; the loop below then skips them as finished.
+        events = self._fail_requests(q, set(result.failed), now) if result.failed else []
         append = events.append
         for i, req in enumerate(step.sampled):
             # Finished (EOS in an earlier batch) or cancelled since: the token is void.
@@ -266,6 +278,8 @@ class SchedulerCore(RowScheduling):
             event = TokenEvent(req, token, reason)
             if logprobs is not None:
                 event.logprob = logprobs[i]
+                if tops is not None:
+                    event.top_logprobs = tops[i]
             append(event)
         return events
 
@@ -284,6 +298,8 @@ class SchedulerCore(RowScheduling):
         return reason
 
     def _finish(self, q: WorkerQueues, req: Request, reason: str, now: float) -> None:
+        if req.first_scheduled_time is None:  # it never left the admission queue
+            self.queued_tokens -= req.prompt_len
         self._release(q, req)
         q.parked.pop(req.request_id, None)
         self._drop_placeholders(req)
@@ -291,7 +307,7 @@ class SchedulerCore(RowScheduling):
         req.finish_reason = reason
         req.finish_time = now
         del self.requests[req.request_id]
-        if reason != "cancelled":
+        if reason == "stop" or reason == "length":  # only real output lengths teach the policy
             self.policy.on_finish(req, now)
 
     @staticmethod
@@ -300,35 +316,31 @@ class SchedulerCore(RowScheduling):
         req.num_generated -= req.num_pending
         req.num_pending = 0
 
-    # -- cancellation and faults -----------------------------------------------------------
+    # -- ending requests early (faults: scheduler.faults) ------------------------------------
     def cancel(self, request_id: str, now: float) -> Request | None:
         """Stop a request and free its KV at once; None if it is unknown or already done."""
+        return self._end(request_id, "cancelled", now)
+
+    def _end(self, request_id: str, reason: str, now: float, num_tokens: int | None = None) -> Request | None:
+        """Finish a request wherever it is (queued or resident); keep `num_tokens` outputs."""
         req = self.requests.get(request_id)
         if req is None:
             return None
         q = self.workers[req.worker]
         q.restart.pop(request_id, None)
         q.groups[req.group].waiting.pop(request_id, None)
-        self._finish(q, req, "cancelled", now)
+        if num_tokens is not None:
+            n = max(0, min(num_tokens, len(req.output_token_ids)))
+            del req.output_token_ids[n:]
+            req.num_generated = n + req.num_pending  # the placeholders are dropped by _finish
+        self._finish(q, req, reason, now)
         return req
 
-    def reset_worker(self, worker: int, now: float) -> list[Request]:
-        """A model actor lost its state (it died, or a step failed): every batch in flight is
-        void. Every resident request re-prefills from its prompt plus the tokens it already
-        generated (placeholders dropped), so streams continue where they were."""
-        q = self.workers[worker]
-        q.in_flight = 0
-        q.idle_since = now
-        q.epoch += 1
-        affected = list(q.parked.values()) + list(q.resident.values())  # oldest first
-        for req in affected:
-            self._release(q, req)
-            self._drop_placeholders(req)
-            self._requeue(q, req)
-        q.parked.clear()
-        q.slots.reset()
-        self._last_batch[worker] = []
-        return affected
+    def finish(self, request_id: str, num_tokens: int, now: float) -> Request | None:
+        """The client side found the end (a stop string) at output token `num_tokens`: the
+        request finishes with "stop" after that many tokens (those past it are dropped and never
+        counted), its KV is freed, and the policy learns its true output length."""
+        return self._end(request_id, "stop", now, num_tokens)
 
     # -- state for metrics and tests -------------------------------------------------------
     @property

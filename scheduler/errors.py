@@ -28,3 +28,14 @@ class QueueFull(SchedulingError):
 
 class DuplicateRequest(SchedulingError):
     code = "duplicate_request_id"
+
+
+class NoWorker(SchedulingError):
+    """Every model actor that could serve the request is down; retry later."""
+
+    status = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -145,7 +145,12 @@ class StepResult:
     started_at: float = 0.0  # the actor's time.monotonic() at the start and end of the step
     finished_at: float = 0.0
     request_ids: list[str] | None = None  # full-form plans only: the sampled rows' requests
-    extras: dict = field(default_factory=dict)  # room for per-row outputs (e.g. top logprobs)
+    extras: dict = field(default_factory=dict)  # room for per-row outputs
+    # Per sampled row, when any row asked: the top-N (token id, logprob), most likely first.
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    # Requests whose rows failed in this step (the sampler refused the row, or the forward pass
+    # raised on it even alone): each ends with finish_reason "error"; a sampled one's token is -1.
+    failed: list[str] | None = None
 
     def __post_init__(self) -> None:
         # The older form, a list of TokenResult as the third argument, still builds a result.
@@ -155,10 +160,14 @@ class StepResult:
 
     def _from_tokens(self, tokens: list[TokenResult]) -> None:
         self.token_ids = int_array(t.token_id for t in tokens)
-        self.stop_rows = int_array(i for i, t in enumerate(tokens) if t.finish_reason)
+        self.stop_rows = int_array(i for i, t in enumerate(tokens) if t.finish_reason == "stop")
         self.request_ids = [t.request_id for t in tokens]
         if any(t.logprob is not None for t in tokens):
             self.logprobs = [t.logprob for t in tokens]
+        if any(t.top_logprobs is not None for t in tokens):
+            self.top_logprobs = [t.top_logprobs for t in tokens]
+        failed = [t.request_id for t in tokens if t.finish_reason == "error"]
+        self.failed = (self.failed or []) + failed if failed else self.failed
 
     @classmethod
     def from_tokens(cls, worker: int, iteration: int, tokens: list[TokenResult],
@@ -173,7 +182,10 @@ class StepResult:
         stops = set(self.stop_rows)
         ids = self.request_ids or [""] * len(self.token_ids)
         lps = self.logprobs or [None] * len(self.token_ids)
-        return [TokenResult(ids[i], int(t), "stop" if i in stops else None, lps[i])
+        tops = self.top_logprobs or [None] * len(self.token_ids)
+        failed = set(self.failed or ())
+        return [TokenResult(ids[i], int(t), "error" if ids[i] in failed else "stop" if i in stops else None,
+                            lps[i], tops[i])
                 for i, t in enumerate(self.token_ids)]
 
 

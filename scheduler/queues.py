@@ -90,6 +90,7 @@ class WorkerQueues:
     epoch: int = 0  # bumped when the actor's state is lost (crash, failed step)
     last_sent: tuple[int, int] = (-1, -1)  # (epoch, iteration) of the last plan made
     slots: SlotAllocator = field(default_factory=SlotAllocator)
+    healthy: bool = True  # False while its model actor stays dead: nothing is routed here
 
     @property
     def busy(self) -> bool:

@@ -67,6 +67,7 @@ class Request:
     gen_limit: int = 0  # tokens it may generate (max_tokens, output_len, context): set on admission
     planned_iteration: int = -1  # the last iteration of its worker that scheduled it
     num_evictions: int = 0
+    num_failed_steps: int = 0  # steps that raised on the model actor with this request in them
     group: int = 0  # policy-assigned class (WAIT: the request's type); 0 otherwise
 
     # Timestamps (seconds, the scheduler's clock).
@@ -109,3 +110,14 @@ class Request:
             return prompt[start:end]
         out_start = max(0, start - len(prompt))
         return prompt[start:] + self.output_token_ids[out_start : end - len(prompt)]
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One sampled token of one request, as the streams and metrics see it."""
+
+    request: Request
+    token_id: int
+    finish_reason: str | None  # "error": the request's row failed on the model actor
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None

@@ -130,3 +130,4 @@ class RowScheduling:
         req.gen_limit = limit
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
+            self.queued_tokens -= req.prompt_len

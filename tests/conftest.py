@@ -17,6 +17,9 @@ import pytest
 
 # Idle OpenMP threads spin; on 2 cores that starves the Ray actors these tests start.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The model actors' test-only fault hook (a prompt starting with actors.model_actor.FAULT_PROMPT
+# makes its forward passes raise): reliability tests inject model errors through it.
+os.environ["FLUIDSERVE_FAULT_INJECTION"] = "1"
 
 # The app most Serve tests use: the real default model, two CPU model actors.
 DEFAULT_TEST_APP: dict[str, Any] = {
@@ -113,7 +116,7 @@ def ray_cluster():
     # (ray.init() with no address would join it through /tmp/ray/ray_current_cluster).
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              namespace="serve",
-             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "FLUIDSERVE_FAULT_INJECTION": "1"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port

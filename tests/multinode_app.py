@@ -73,7 +73,7 @@ def main(gcs: str, port: int, dashboard: str) -> dict:
     model_node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("model_node"))
     alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
     placed = {a.name: a.node_id for a in alive
-              if a.name and (a.name.startswith("fluidserve-model-") or "Scheduler" in a.name)}
+              if a.name and (a.name.startswith("fluidserve-") or "Scheduler" in a.name)}
     # Sequential, one request at a time: the reference text of every prompt.
     reference = {}
     for prompt in PROMPTS:

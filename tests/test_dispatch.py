@@ -61,8 +61,8 @@ class Collect:
     def record(self, *args) -> None:
         pass
 
-    def fail(self, step, message: str) -> None:
-        for req in step.requests:
+    def fail(self, requests, message: str) -> None:
+        for req in requests:
             self.failed[req.request_id] = message
             self.core.cancel(req.request_id, 0.0)
 
@@ -70,12 +70,7 @@ class Collect:
         pass
 
 
-def test_a_failed_step_fails_its_requests_and_the_rest_continue() -> None:
-    actor = FailOnce(fail_at=6)
-    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=3)), 200, 16)
-    sink = Collect(core)
-    reqs = [Request(f"r{i}", 20 + i, 30, 0.0, prompt_token_ids=[100 + i] * (20 + i)) for i in range(6)]
-
+def run_until_done(actor, core: SchedulerCore, sink: Collect, reqs: list[Request]) -> None:
     async def main() -> None:
         dispatcher = Dispatcher(core, 0, ThreadLink(actor), sink, depth=2)
         task = asyncio.create_task(dispatcher.run())
@@ -88,12 +83,39 @@ def test_a_failed_step_fails_its_requests_and_the_rest_continue() -> None:
         await task
 
     asyncio.run(main())
-    assert sink.failed and all("injected" in m for m in sink.failed.values())
-    ok = [r for r in reqs if r.request_id not in sink.failed]
-    assert ok and {r.request_id for r in sink.finished} == {r.request_id for r in ok}
-    for r in ok:  # the others re-prefilled after the reset and their text is unchanged
+
+
+def test_a_step_that_raises_once_is_retried_and_no_request_fails() -> None:
+    """A step that raised on the actor (outside the forward pass, which the actor contains
+    itself): the actor is reset, the step's requests re-prefill once, and nobody fails."""
+    actor = FailOnce(fail_at=6)
+    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=3)), 200, 16)
+    sink = Collect(core)
+    reqs = [Request(f"r{i}", 20 + i, 30, 0.0, prompt_token_ids=[100 + i] * (20 + i)) for i in range(6)]
+    run_until_done(actor, core, sink, reqs)
+    assert not sink.failed
+    assert {r.request_id for r in sink.finished} == {r.request_id for r in reqs}
+    for r in reqs:  # re-prefilled after the reset: the text is unchanged
         assert r.output_token_ids == expected_tokens(r, 30)
     assert core.workers[0].pool.num_used_blocks == 0 and core.workers[0].epoch == 1
+
+
+class FailAlways(FailOnce):
+    """Every step raises: a request in two failed steps fails (retried once, no endless loop)."""
+
+    def execute(self, plan):
+        raise PlanError("injected model error")
+
+
+def test_a_request_in_two_failed_steps_fails_with_a_typed_error() -> None:
+    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=3)), 200, 16)
+    sink = Collect(core)
+    reqs = [Request(f"r{i}", 20, 5, 0.0, prompt_token_ids=[100 + i] * 20) for i in range(3)]
+    run_until_done(FailAlways(0), core, sink, reqs)
+    assert set(sink.failed) == {r.request_id for r in reqs}
+    assert all("injected" in m for m in sink.failed.values())
+    assert all(r.num_failed_steps == 2 for r in reqs)
+    assert core.workers[0].pool.num_used_blocks == 0 and not core.requests
 
 
 def test_a_pipelined_actor_runs_plans_in_the_order_sent_whatever_order_they_arrive() -> None:
@@ -123,3 +145,118 @@ def test_a_pipelined_actor_runs_plans_in_the_order_sent_whatever_order_they_arri
         return [list((await tasks[i]).token_ids) for i in range(len(plans))]
 
     assert asyncio.run(main()) == expected
+
+
+def test_a_stop_string_finish_is_a_finish_with_exact_tokens() -> None:
+    """The ingress found a stop string after 3 tokens while more were in flight: the request
+    finishes with "stop" and 3 tokens, its KV is freed, and Nested WAIT's length estimate sees 3."""
+    policy = make_policy("nested-wait", PolicyConfig(max_num_seqs=4), kv_capacity_tokens=200 * 16)
+    core = SchedulerCore(policy, 200, 16)
+    actor = SimModelActor(sleep=False)
+    req = Request("s", 20, 50, 0.0, prompt_token_ids=[7] * 20)
+    core.submit(req, 0.0)
+    steps = []
+    while len(req.output_token_ids) < 5:
+        step = core.plan(0, 0.0)
+        if step is not None:
+            steps.append(step)
+        if len(steps) == 2 or step is None:  # up to two plans in flight, as the dispatch loop keeps
+            done = steps.pop(0)
+            core.commit(done, actor.execute(done.wire), 0.0)
+    seen = policy.lengths.count
+    assert core.finish("s", 3, 1.0) is req and core.finish("s", 3, 1.0) is None
+    assert req.finish_reason == "stop" and len(req.output_token_ids) == 3 and req.num_generated == 3
+    assert core.workers[0].pool.num_used_blocks == 0 and not core.requests
+    assert policy.lengths.count == seen + 1 and policy.lengths._lengths[-1] == 3
+    assert not core.commit(steps[0], actor.execute(steps[0].wire), 1.0)  # the token in flight is void
+
+
+class HangOnce(ThreadLink):
+    """The in-process actor whose `hang_at`-th step never returns (a hung actor): the step's
+    deadline passes, the link is told to restart the actor, and its requests re-prefill."""
+
+    def __init__(self, actor, hang_at: int) -> None:
+        super().__init__(actor)
+        self.hang_at, self.sent, self.restarts = hang_at, 0, 0
+
+    def submit(self, plan):
+        self.sent += 1
+        if self.sent == self.hang_at:
+            return asyncio.get_running_loop().create_future()  # never resolves
+        return super().submit(plan)
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self.actor.states.clear()  # a restarted actor holds nothing
+
+
+def test_a_step_past_its_deadline_restarts_the_actor_and_nothing_is_lost() -> None:
+    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=3)), 200, 16)
+    sink = Collect(core)
+    link = HangOnce(SimModelActor(sleep=False), hang_at=5)
+    reqs = [Request(f"r{i}", 20 + i, 30, 0.0, prompt_token_ids=[100 + i] * (20 + i)) for i in range(5)]
+
+    async def main() -> None:
+        dispatcher = Dispatcher(core, 0, link, sink, depth=2, deadline_floor_s=0.3)
+        task = asyncio.create_task(dispatcher.run())
+        for r in reqs:
+            core.submit(r, 0.0)
+        dispatcher.poke()
+        while len(sink.finished) < len(reqs):
+            await asyncio.sleep(0.01)
+        dispatcher.stop()
+        await task
+
+    asyncio.run(main())
+    assert link.restarts == 1 and core.workers[0].epoch == 1 and not sink.failed
+    for r in reqs:
+        assert r.output_token_ids == expected_tokens(r, 30)
+
+
+class DeadForGood(ThreadLink):
+    """An actor that died and does not come back."""
+
+    def submit(self, plan):
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(ConnectionError("actor died"))
+        return future
+
+    @staticmethod
+    def classify(exc: BaseException) -> str:
+        return "died"
+
+    async def wait_until_back(self, give_up_s: float | None = None) -> bool:
+        if give_up_s is None:
+            await asyncio.Event().wait()  # never
+        await asyncio.sleep(give_up_s)
+        return False
+
+
+def test_requests_of_an_actor_that_stays_dead_move_to_a_healthy_one() -> None:
+    core = SchedulerCore(make_policy("sarathi", PolicyConfig(max_num_seqs=4)), [200, 200], 16)
+    sink = Collect(core)
+    reqs = [Request(f"r{i}", 20 + i, 30, 0.0, prompt_token_ids=[100 + i] * (20 + i)) for i in range(6)]
+
+    async def main() -> None:
+        dead = Dispatcher(core, 0, DeadForGood(None), sink, depth=2, restart_wait_s=0.2)
+        alive = Dispatcher(core, 1, ThreadLink(SimModelActor(sleep=False)), sink, depth=2)
+        sink.rerouted = lambda moved, stranded: alive.poke()
+        tasks = [asyncio.create_task(d.run()) for d in (dead, alive)]
+        for r in reqs:
+            core.submit(r, 0.0)
+        dead.poke()
+        alive.poke()
+        while len(sink.finished) < len(reqs):
+            await asyncio.sleep(0.01)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    assert not sink.failed and core.workers[0].healthy is False
+    assert all(r.worker == 1 for r in reqs)
+    for r in reqs:
+        assert r.output_token_ids == expected_tokens(r, 30)
+    with pytest.raises(Exception, match="no model actor"):  # nothing routed to the dead one
+        core.workers[1].healthy = False
+        core.submit(Request("late", 10, 5, 0.0, prompt_token_ids=[3] * 10), 0.0)

@@ -197,7 +197,7 @@ def test_actor_capacity_health_and_name(actor: ModelActor) -> None:
     assert cap["num_blocks"] == 64 and cap["block_size"] == BS
     assert cap["vocab_size"] == 49152 and cap["eos_token_ids"] == [2]
     assert actor.health()["ok"] is True
-    assert actor_name(3) == "fluidserve-model-3"
+    assert actor_name(3, "app-x1") == "fluidserve-app-x1-model-3"
     assert actor.execute(Plan(0, 0, [], BS)).tokens == []
 
 

@@ -37,6 +37,8 @@ ARGS_KEYS = {
     "block_size",
     "max_num_seqs",
     "max_queue_len",
+    "max_queue_wait_s",
+    "max_queued_tokens",
     "stream_interval_s",
     "dtype",
     "api_key_env",

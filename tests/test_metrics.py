@@ -136,6 +136,17 @@ def test_cancel_evict_reject_and_worker_up() -> None:
     assert value(m, "model_actor_up", worker="1") == 0
 
 
+def test_failures_are_counted_by_reason_and_leave_no_per_request_state() -> None:
+    m = ServingMetrics(MODEL)
+    req = served_request()
+    stream(m, req, [10.75])
+    m.on_failure(req, "model_error")
+    m.on_failure(None, "queue_timeout")
+    assert value(m, "request_failure_total", reason="model_error") == 1
+    assert value(m, "request_failure_total", reason="queue_timeout") == 1
+    assert not m._last_token
+
+
 def test_instances_are_independent_and_render_parses() -> None:
     a, b = ServingMetrics(MODEL), ServingMetrics("other")
     a.on_iteration(0, 0.012, num_tokens=600, batch_size=40)

@@ -60,6 +60,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "block_size" (int $v.kvCache.blockSize)
   "max_num_seqs" (int $v.scheduler.maxNumSeqs)
   "max_queue_len" (int $v.scheduler.maxQueueLen)
+  "max_queue_wait_s" (float64 $v.scheduler.maxQueueWaitS)
+  "max_queued_tokens" (int $v.scheduler.maxQueuedTokens)
   "stream_interval_s" (float64 $v.scheduler.streamIntervalS)
   "dtype" $v.model.dtype
   "api_key_env" "FLUIDSERVE_API_KEY"
