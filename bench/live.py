@@ -32,6 +32,7 @@ from pathlib import Path
 
 from actors.calibrate import RobustFit, robust_fit
 from bench import serve as loadgen
+from bench.cli_lists import choices, positive
 from scheduler import fluid
 from scheduler.cost import CostModel
 from scheduler.experiment import build_workload, run_policy
@@ -106,7 +107,7 @@ def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
     cap = live_capacity()
     model_kw = {"kv_capacity_tokens": cap["kv_capacity_tokens"], "block_size": cap["block_size"],
                 "name": f"{config.model}@live"}
-    step_samples(reset=True)
+    reset_steps()
     index = 100_000
     for _ in range(config.calibration_repeats):
         for prompt in sorted({min(p, config.max_prompt) for p in PREFILL_PROBES}):
@@ -187,9 +188,14 @@ def _scheduler():
     return serve.get_deployment_handle("Scheduler", app_name="fluidserve")
 
 
-def step_samples(reset: bool = False) -> list[tuple[int, int, float]]:
+def step_samples() -> list[tuple[int, int, float]]:
     """The live scheduler's record of its model actor's steps: (new tokens, attended KV, period)."""
-    return _scheduler().dispatch_stats.remote(samples=True, reset=reset).result()["samples"]
+    return _scheduler().dispatch_stats.remote(samples=True).result()["samples"]
+
+
+def reset_steps() -> None:
+    """Start a new record of steps (only the reset: the old samples are not fetched)."""
+    _scheduler().dispatch_stats.remote(reset=True).result()
 
 
 def drift(samples: list[tuple[int, int, float]], calibrated: CostModel, actual: CostModel) -> float:
@@ -217,7 +223,7 @@ def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: fl
     The replay checks the twin's scheduling; their gap is the box's drift."""
     arrivals = arrivals_at(config, rate)
     _log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests")
-    step_samples(reset=True)
+    reset_steps()
     live = loadgen.report(loadgen.run_sync(url, arrivals, progress=config.progress))
     samples = step_samples()
     run_fit = robust_fit(samples, kv_capacity_tokens=cost.kv_capacity_tokens, block_size=cost.block_size,
@@ -369,30 +375,15 @@ def plot(runs: list[dict], path: Path) -> None:
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def _floats(text: str) -> list[float]:
-    values = [float(x) for x in text.split(",") if x.strip()]
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers R1,R2,..., got {text!r}")
-    return values
-
-
-def _policies(text: str) -> list[str]:
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in names if p not in POLICY_NAMES]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fluidserve bench live", description=__doc__.splitlines()[0])
-    p.add_argument("--policies", type=_policies, default=["nested-wait", "vllm", "sarathi"])
+    p.add_argument("--policies", type=choices(POLICY_NAMES, "policies"), default=["nested-wait", "vllm", "sarathi"])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", help=f"CSV trace (default: {DEFAULT_TRACE.name})")
     src.add_argument("--types", help="synthetic prompt:output[:share],...")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--rates", type=_floats, help="requests/s, e.g. 0.5,1,2")
-    how.add_argument("--loads", type=_floats, help="fractions of the calibrated fluid capacity")
+    how.add_argument("--rates", type=positive(float), help="requests/s, e.g. 0.5,1,2")
+    how.add_argument("--loads", type=positive(float), help="fractions of the calibrated fluid capacity")
     p.add_argument("--num-requests", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="default", help="default | random:tiny | ...")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import serve as loadgen
+from bench.cli_lists import choices, positive
 from scheduler import fluid
 from scheduler.cost import preset
 from scheduler.experiment import build_workload, run_policy
@@ -66,6 +68,7 @@ class ScaleConfig:
     out_dir: Path = RESULTS_DIR
 
 
+@functools.cache  # pure: one fluid solve per workload, not one per run
 def capacity(workload: str) -> tuple[float, float]:
     """(requests/s, output tokens/s) of one A100 actor at its fluid capacity on this workload:
     the tighter of its two limits, load < 1 and M* <= C (on both workloads here the KV cache
@@ -83,16 +86,22 @@ def simulated_window_tok_s(config: ScaleConfig, workload: str, actors: int) -> f
     rate, times N: the reference for a short run. The window opens `warmup` seconds after an
     empty start, while resident batches are still growing (a long LMSYS answer takes tens of
     seconds), so even a perfect scheduler delivers less than the offered work in it."""
-    rate_1, _ = capacity(workload)
-    rate = config.load * rate_1
+    return actors * _simulated_window_per_actor(workload, config.policy, config.load, config.duration,
+                                                config.warmup, config.seed)
+
+
+@functools.cache  # the same for every N and mode of a sweep
+def _simulated_window_per_actor(workload: str, policy: str, load: float, duration: float, warmup: float,
+                                seed: int) -> float:
+    rate = load * capacity(workload)[0]
     types, trace = WORKLOADS[workload]
-    arrivals = build_workload(types, trace, rate, max(1, int(rate * config.duration)), config.seed)
-    log = run_policy(config.policy, arrivals, preset("a100-llama2-7b"), log_iterations=True)["iterations"]
+    arrivals = build_workload(types, trace, rate, max(1, int(rate * duration)), seed)
+    log = run_policy(policy, arrivals, preset("a100-llama2-7b"), log_iterations=True)["iterations"]
     end = arrivals[-1].time
     # A row samples a token unless it is a prefill chunk that does not end its prompt: with the
     # 2,048-token budget nearly every prompt here is one chunk, so rows count the tokens.
-    rows = sum(it.batch_size for it in log if config.warmup <= it.start + it.duration <= end)
-    return actors * rows / (end - config.warmup) if end > config.warmup else 0.0
+    rows = sum(it.batch_size for it in log if warmup <= it.start + it.duration <= end)
+    return rows / (end - warmup) if end > warmup else 0.0
 
 
 def app_args(config: ScaleConfig, actors: int) -> dict:
@@ -219,6 +228,7 @@ def run(config: ScaleConfig) -> dict:
     the app redeployed for the next."""
     from ray import serve
 
+    from deploy.app import APP_NAME
     from deploy.local import start
 
     runs = []
@@ -233,7 +243,7 @@ def run(config: ScaleConfig) -> dict:
                     _log(f"N={actors} {workload} {mode}: FAILED {type(exc).__name__}: {exc}")
                     runs.append({"actors": actors, "mode": mode, "workload": workload,
                                  "failed": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"})
-                    serve.delete("fluidserve")
+                    serve.delete(APP_NAME)
                     url = start(app_args(config, actors), port=config.port)
                     continue
                 _log(f"N={actors} {workload} {mode}: busy {out['busy_fraction']:.3f}, gaps p50 "
@@ -303,29 +313,11 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(x) for x in text.split(",") if x.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers N1,N2,..., got {text!r}")
-    return values
-
-
-def _choices(allowed) -> callable:
-    def parse(text: str) -> list[str]:
-        names = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in names if x not in allowed]
-        if not names or bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
-        return names
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fluidserve bench scale", description=__doc__.splitlines()[0])
-    p.add_argument("--actors", type=_ints, default=[1, 2, 4, 8, 16])
-    p.add_argument("--workloads", type=_choices(WORKLOADS), default=list(WORKLOADS))
-    p.add_argument("--modes", type=_choices(MODES), default=list(MODES))
+    p.add_argument("--actors", type=positive(int, "N1,N2"), default=[1, 2, 4, 8, 16])
+    p.add_argument("--workloads", type=choices(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--modes", type=choices(MODES), default=list(MODES))
     p.add_argument("--load", type=float, default=0.9)
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
     p.add_argument("--warmup", type=float, default=12.0, help="seconds before the window opens")
