@@ -15,27 +15,31 @@ class RequestTooLong(SchedulingError):
     code = "context_length_exceeded"
 
 
-class QueueFull(SchedulingError):
+class RetryLater(SchedulingError):
+    """Refused for now, not for what the request is: the ingress adds `Retry-After`."""
+
+    retry_after_s = 1.0
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+
+class QueueFull(RetryLater):
     """The admission queue is full; retry later."""
 
     status = 429
     code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class DuplicateRequest(SchedulingError):
     code = "duplicate_request_id"
 
 
-class NoWorker(SchedulingError):
+class NoWorker(RetryLater):
     """Every model actor that could serve the request is down; retry later."""
 
     status = 503
     code = "service_unavailable"
-
-    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 5.0
