@@ -56,22 +56,22 @@ class ForecastAdmission:
         if self.bypass and worst <= capacity:
             self._worst = worst
             if self._curves is not None:
-                self._add(req)
+                self._arrays, self._curves = self._with(req)
             return True
         if self._curves is None:
             self._arrays = as_arrays([*self.q.resident.values(), *self.admitted])
             self._curves = forecast.curves(*self._arrays)
-        arrays = tuple(np.append(a, b) for a, b in zip(self._arrays, as_arrays((req,))))
-        curves = self._curves + forecast.curves(*as_arrays((req,)))
+        arrays, curves = self._with(req)
         if not forecast.fits(arrays, curves, capacity):
             return False
         self._arrays, self._curves, self._worst = arrays, curves, worst
         return True
 
-    def _add(self, req: Request) -> None:
+    def _with(self, req: Request) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        """The (prompt, stage, cap) arrays and the KV forecast so far, with `req` added."""
         one = as_arrays((req,))
-        self._arrays = tuple(np.append(a, b) for a, b in zip(self._arrays, one))
-        self._curves = self._curves + self.forecast.curves(*one)
+        return (tuple(np.append(a, b) for a, b in zip(self._arrays, one)),
+                self._curves + self.forecast.curves(*one))
 
     def _worst_case(self, requests) -> int:
         """KV of `requests` if each runs to its max_tokens or the longest output seen, each
