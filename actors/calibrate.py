@@ -124,10 +124,11 @@ def robust_fit(samples: list[tuple[int, int, float]], cut: float = 4.0, rounds: 
     samples whose residual is beyond `cut` robust standard deviations (1.4826 x MAD) of the
     median residual are dropped and the rest refitted, until nothing changes. The bootstrap
     refits `resamples` resamples of the kept samples. With `mean_preserving` d0 takes the
-    outliers' average excess back, so that the model predicts the samples' total time: right
-    for replaying the very steps measured (a simulator's mean latency depends on the mean step),
-    wrong for a calibration taken before a run, whose outliers are mostly a neighbour's burst
-    that the run will not see (on this box that d0 ran 11 ms, 50%, above the run's own)."""
+    outliers' average excess back, so that the model predicts the samples' total time (a
+    simulator's mean latency depends on the mean step): `bench live` replays and calibrates
+    with it. Without it the model is the typical step; on a box shared with bursty neighbours
+    that is the better guess of a run to come (their bursts in a calibration once put d0 11 ms,
+    50%, above the run's own)."""
     import numpy as np
 
     data = np.asarray(samples, dtype=float)

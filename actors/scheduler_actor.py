@@ -122,34 +122,74 @@ class SchedulerActor:
                              max_queued_tokens=a.max_queued_tokens, max_queue_wait_s=a.max_queue_wait_s)
 
     # -- requests ------------------------------------------------------------------------------
-    async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Admit one request and stream its tokens: {"token_ids": [...], "finish_reason": ...}."""
+    async def subscribe(self, subscriber_id: str) -> AsyncIterator[dict[str, dict]]:
+        """One ingress replica's stream of all its requests' messages (`actors.streams`): first an
+        empty acknowledgement (the subscriber exists: `submit` may name it), then batches
+        {request_id: {"token_ids": [...], "finish_reason": ...}}. Closing it cancels the
+        requests still running (the ingress is gone)."""
         self._ensure_started()
         await self._ready.wait()
+        sub = self.hub.subscribe(subscriber_id)
+        try:
+            yield {}
+            async for batch in self.hub.messages(sub):
+                yield batch
+        finally:
+            for rid in self.hub.unsubscribe(sub):
+                self._cancel(rid)
+
+    async def submit(self, request: dict, subscriber_id: str) -> dict:
+        """Admit one request whose messages go to `subscriber_id`'s stream: returns
+        {"request_id", "prompt_tokens"} or {"error": {"status", "message", "code", ...}}."""
+        self._ensure_started()
+        await self._ready.wait()
+        sub = self.hub.subscribers.get(subscriber_id)
+        if sub is None:
+            return {"error": {"status": 503, "code": "resubscribe",
+                              "message": "unknown subscriber (the scheduler restarted): subscribe again"}}
+        return self._admit(request, sub)
+
+    async def cancel(self, request_id: str) -> None:
+        """The client went away: free the request's KV at once."""
+        self.hub.close(request_id)
+        self._cancel(request_id)
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        """Admit one request and stream its tokens, one stream per request (Python callers and
+        tests; the ingress multiplexes through `subscribe`): the first item acknowledges
+        admission or carries a typed error, later items {"token_ids": [...], "finish_reason": ...}.
+        Closing the generator cancels the request."""
+        self._ensure_started()
+        await self._ready.wait()
+        sub = self.hub.subscribe(uuid.uuid4().hex)
+        try:
+            first = self._admit(request, sub)
+            yield first
+            if "error" in first:
+                return
+            async for batch in self.hub.messages(sub):
+                for message in batch.values():
+                    yield message
+                    if message["finish_reason"] is not None:
+                        return
+        finally:
+            for rid in self.hub.unsubscribe(sub):
+                self._cancel(rid)
+
+    def _admit(self, request: dict, sub) -> dict:
         if self._start_error:
-            yield {"error": {"status": 503, "message": f"the model is not available: {self._start_error}",
-                             "code": "service_unavailable"}}
-            return
+            return {"error": {"status": 503, "message": f"the model is not available: {self._start_error}",
+                              "code": "service_unavailable"}}
         rid = request.get("request_id") or uuid.uuid4().hex
         try:
             req = self._submit(rid, request)
         except SchedulingError as exc:
             self.metrics.on_reject(exc.code)
-            yield {"error": {"status": exc.status, "message": str(exc), "code": exc.code,
-                             "retry_after_s": getattr(exc, "retry_after_s", None)}}
-            return
-        stream = self.hub.open(req)
+            return {"error": {"status": exc.status, "message": str(exc), "code": exc.code,
+                              "retry_after_s": getattr(exc, "retry_after_s", None)}}
+        self.hub.open(req, sub)
         self.dispatchers[req.worker].poke()
-        finished = False
-        try:
-            yield {"request_id": rid, "prompt_tokens": req.prompt_len}
-            async for message in self.hub.messages(stream):
-                finished = message["finish_reason"] is not None
-                yield message
-        finally:
-            self.hub.close(rid)
-            if not finished:
-                self._cancel(rid)
+        return {"request_id": rid, "prompt_tokens": req.prompt_len}
 
     def _submit(self, rid: str, request: dict) -> Request:
         ids = list(request["prompt_token_ids"])
@@ -324,6 +364,7 @@ class SchedulerActor:
             "used_blocks": [q.pool.num_used_blocks for q in self.core.workers],
             "requests": len(self.core.requests),
             "streams": len(self.hub),
+            "subscribers": len(self.hub.subscribers),  # one per ingress replica (+ open `generate`s)
             "iterations": self.core.iterations,
             "evictions": self.core.num_evictions,
             "epochs": [q.epoch for q in self.core.workers],  # resets of each model actor

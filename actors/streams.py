@@ -1,18 +1,18 @@
-"""Stream delivery: a request's tokens from the commits of the dispatch loops to its generator.
+"""Stream delivery: requests' tokens from the dispatch loops' commits to their subscribers.
 
-A commit appends tokens to `Request.output_token_ids`; delivery only decides when a stream's
-generator (the `generate` call of that request, one coroutine) wakes up to send what it has not
-sent yet. The first token and the last go at once (TTFT, end of stream); in between a stream
-sends at most every `interval_s` (Ray Serve LLM batches streams the same way), several tokens per
-message when iterations are faster. So per request per iteration delivery is a dict lookup and a
-comparison: a generator wakes once per message, not once per token, and one timer task (the
-flusher) wakes the streams whose interval has passed.
+A subscriber is one multiplexed stream out of the scheduler replica: an ingress replica follows
+all of its requests through one `subscribe` stream, and `generate` (one request, one stream) is
+a subscriber with a single request. A commit appends tokens to `Request.output_token_ids`;
+delivery only marks the request's stream dirty in its subscriber. A subscriber sends one message,
+{request_id: message} for every dirty stream, at once when one of them has its first token,
+finishes or fails (TTFT, end of stream), otherwise at most every `interval_s` (Ray Serve LLM
+batches streams the same way). So per request per iteration delivery is a dict lookup and a dict
+store; a subscriber's generator wakes once per message whatever the number of its requests, and
+Serve carries one message per interval per ingress replica instead of one per request.
 """
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -21,63 +21,75 @@ from scheduler.request import Request
 
 
 class Stream:
-    """One request's stream: what its generator has sent, and the future it waits on."""
+    """One request's stream: how much of it was sent, and how it ended."""
 
-    __slots__ = ("done", "error", "error_info", "last_sent", "logprobs", "queued", "request", "sent", "tops",
-                 "waiter")
+    __slots__ = ("done", "error", "error_info", "logprobs", "request", "sent", "subscriber", "tops")
 
-    def __init__(self, request: Request) -> None:
-        self.request = request
+    def __init__(self, request: Request, subscriber: Subscriber) -> None:
+        self.request, self.subscriber = request, subscriber
         self.sent = 0  # output tokens already sent
-        self.last_sent: float | None = None  # None: nothing sent yet (the first token goes at once)
-        self.waiter: asyncio.Future | None = None
         self.error: str | None = None
         self.error_info: dict = {}  # with an error: its HTTP status, code, Retry-After seconds
-        self.queued = False  # waiting in the flusher's heap
         self.logprobs: list[float | None] | None = [] if request.sampling.logprobs else None
         # Per token, the top-N alternatives (OpenAI's top_logprobs), when asked for.
         self.tops: list | None = [] if request.sampling.logprobs and request.sampling.top_logprobs > 0 else None
         self.done = False
 
-    def final(self) -> bool:
-        return self.error is not None or self.request.finish_reason is not None
-
-    def ready(self, now: float, interval_s: float) -> bool:
-        """Is there something to send now?"""
-        if self.final():
-            return True
-        if len(self.request.output_token_ids) <= self.sent:
-            return False
-        return self.last_sent is None or now - self.last_sent >= interval_s
-
-    def take(self, now: float) -> dict:
-        """Everything not sent yet, as one message."""
+    def take(self) -> dict | None:
+        """Everything not sent yet, as one message; None when there is nothing to say."""
         tokens = self.request.output_token_ids
+        reason = self.request.finish_reason
+        if self.error is None and reason == "error":
+            self.error = "model error: this request's step failed on the model actor"
         out = tokens[self.sent :]
+        if not out and self.error is None and reason is None:
+            return None
         logprobs = self.logprobs[self.sent : self.sent + len(out)] if self.logprobs is not None else []
         message = {"token_ids": out, "finish_reason": None, "logprobs": logprobs}
         if self.tops is not None:
             message["top_logprobs"] = self.tops[self.sent : self.sent + len(out)]
         self.sent += len(out)
-        self.last_sent = now
-        reason = self.request.finish_reason
-        if self.error is None and reason == "error":
-            self.error = "model error: this request's step failed on the model actor"
         if self.error is not None:
             self.done = True
             message.update(finish_reason="error", error=self.error, **self.error_info)
             return message
-        self.done = reason is not None and self.sent >= len(tokens)
-        message["finish_reason"] = reason if self.done else None
+        self.done = reason is not None
+        message["finish_reason"] = reason
         return message
+
+
+class Subscriber:
+    """One multiplexed stream: its requests' streams, the dirty ones, and the waiting generator."""
+
+    def __init__(self, subscriber_id: str) -> None:
+        self.id = subscriber_id
+        self.streams: dict[str, Stream] = {}
+        self.dirty: dict[str, Stream] = {}  # something to send (insertion-ordered set)
+        self.urgent = False  # a first token, a finish or an error is dirty: send now
+        self.last_sent = float("-inf")
+        self.waiter: asyncio.Future | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def due(self, now: float, interval_s: float) -> bool:
+        return self.urgent or (bool(self.dirty) and now - self.last_sent >= interval_s)
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
+    def arm(self, delay_s: float) -> None:
+        """Wake the generator in `delay_s` (its interval ends), unless a timer is already set."""
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(delay_s, self._ring)
+
+    def _ring(self) -> None:
+        self.timer = None
+        self.wake()
+
 
 class StreamHub:
-    """`clock` and `timer` are seams for benchmarks: with timer=False no flusher task runs and
+    """`clock` and `timer` are seams for benchmarks: with timer=False no interval timer is set and
     the caller calls `flush_due` itself."""
 
     def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic,
@@ -85,26 +97,40 @@ class StreamHub:
         self.interval_s = interval_s
         self.clock, self.timer = clock, timer
         self.streams: dict[str, Stream] = {}
-        self._due: list[tuple[float, int, Stream]] = []  # (when, tie-breaker, stream)
-        self._order = itertools.count()
-        self._flusher: asyncio.Task | None = None
-        self._flusher_wake: asyncio.Future | None = None
+        self.subscribers: dict[str, Subscriber] = {}
 
     def __len__(self) -> int:
         return len(self.streams)
 
-    def open(self, request: Request) -> Stream:
-        stream = self.streams[request.request_id] = Stream(request)
+    def subscribe(self, subscriber_id: str) -> Subscriber:
+        sub = self.subscribers[subscriber_id] = Subscriber(subscriber_id)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> list[str]:
+        """Close `sub`; returns the ids of its unfinished requests (the caller cancels them)."""
+        sub.closed = True
+        if sub.timer is not None:
+            sub.timer.cancel()
+        self.subscribers.pop(sub.id, None)
+        for rid in sub.streams:
+            self.streams.pop(rid, None)
+        return [rid for rid, s in sub.streams.items() if not s.done]
+
+    def open(self, request: Request, sub: Subscriber) -> Stream:
+        stream = self.streams[request.request_id] = sub.streams[request.request_id] = Stream(request, sub)
         return stream
 
     def close(self, request_id: str) -> None:
-        self.streams.pop(request_id, None)
+        stream = self.streams.pop(request_id, None)
+        if stream is not None:
+            stream.subscriber.streams.pop(request_id, None)
+            stream.subscriber.dirty.pop(request_id, None)
 
     # -- from the dispatch loops ---------------------------------------------------------------
     def deliver(self, events: Iterable[TokenEvent]) -> None:
-        """After a commit: wake the streams that may send now, queue the others."""
-        now = self.clock()
-        streams, interval = self.streams, self.interval_s
+        """After a commit: mark the streams dirty, wake the subscribers that may send now."""
+        streams = self.streams
+        touched: set[Subscriber] = set()
         for ev in events:
             stream = streams.get(ev.request.request_id)
             if stream is None:
@@ -113,71 +139,82 @@ class StreamHub:
                 stream.logprobs.append(ev.logprob)
                 if stream.tops is not None:
                     stream.tops.append(ev.top_logprobs)
-            if stream.waiter is None:
-                continue  # busy sending: it looks again when it is done
-            last = stream.last_sent
-            if ev.finish_reason or last is None or now - last >= interval:
-                stream.wake()
-            elif not stream.queued:
-                self._queue(stream, last + interval)
+            sub = stream.subscriber
+            sub.dirty[ev.request.request_id] = stream
+            if ev.finish_reason or stream.sent == 0:
+                sub.urgent = True
+            touched.add(sub)
+        now = self.clock()
+        for sub in touched:
+            self._poke(sub, now)
 
     def wake(self, request_id: str) -> None:
+        """Something final happened to this request off the dispatch loops (a finish)."""
         stream = self.streams.get(request_id)
         if stream is not None:
-            stream.wake()
+            self._mark_urgent(stream)
 
     def fail(self, request_id: str, message: str, **info) -> None:
         """End the stream with an error; `info`: status (HTTP, default 500), code, retry_after_s."""
         stream = self.streams.get(request_id)
         if stream is not None:
             stream.error, stream.error_info = message, info
-            stream.wake()
+            self._mark_urgent(stream)
 
-    def _queue(self, stream: Stream, when: float) -> None:
-        stream.queued = True
-        first = not self._due or when < self._due[0][0]
-        heapq.heappush(self._due, (when, next(self._order), stream))
-        if not self.timer:
-            return
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        elif first and self._flusher_wake is not None and not self._flusher_wake.done():
-            self._flusher_wake.set_result(None)  # an earlier deadline: re-arm the timer
+    def _mark_urgent(self, stream: Stream) -> None:
+        sub = stream.subscriber
+        sub.dirty[stream.request.request_id] = stream
+        sub.urgent = True
+        sub.wake()
+
+    def _poke(self, sub: Subscriber, now: float) -> None:
+        if sub.waiter is None:
+            return  # busy sending: it looks again when it is done
+        if sub.due(now, self.interval_s):
+            sub.wake()
+        elif self.timer:
+            sub.arm(sub.last_sent + self.interval_s - now)
 
     def flush_due(self, now: float) -> None:
-        """Wake every queued stream whose interval has passed."""
-        due = self._due
-        while due and due[0][0] <= now:
-            _, _, stream = heapq.heappop(due)
-            stream.queued = False
-            stream.wake()
+        """Wake every subscriber whose interval has passed (for timer=False)."""
+        for sub in self.subscribers.values():
+            if sub.due(now, self.interval_s):
+                sub.wake()
 
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._due:
-            now = self.clock()
-            self.flush_due(now)
-            if not self._due:
-                return
-            self._flusher_wake = loop.create_future()
-            try:
-                await asyncio.wait_for(self._flusher_wake, self._due[0][0] - now)
-            except asyncio.TimeoutError:
-                pass
-
-    # -- from a request's generator ------------------------------------------------------------
-    async def messages(self, stream: Stream) -> AsyncIterator[dict]:
-        """The stream's messages until its last one (finish or error)."""
-        loop = asyncio.get_running_loop()
-        while not stream.done:
-            now = self.clock()
-            if not stream.ready(now, self.interval_s):
-                stream.waiter = loop.create_future()
-                try:
-                    if stream.sent < len(stream.request.output_token_ids) and not stream.queued:
-                        self._queue(stream, stream.last_sent + self.interval_s)
-                    await stream.waiter
-                finally:
-                    stream.waiter = None
+    # -- from a subscriber's generator -----------------------------------------------------------
+    def take(self, sub: Subscriber, now: float) -> dict[str, dict]:
+        """The messages of every dirty stream of `sub`; finished streams are closed."""
+        batch = {}
+        for rid, stream in sub.dirty.items():
+            message = stream.take()
+            if message is None:
                 continue
-            yield stream.take(now)
+            batch[rid] = message
+            if stream.done:
+                sub.streams.pop(rid, None)
+                self.streams.pop(rid, None)
+        sub.dirty = {}
+        sub.urgent = False
+        sub.last_sent = now
+        return batch
+
+    async def messages(self, sub: Subscriber) -> AsyncIterator[dict[str, dict]]:
+        """The subscriber's batches, {request_id: message}, until it is unsubscribed."""
+        loop = asyncio.get_running_loop()
+        while not sub.closed:
+            now = self.clock()
+            if sub.due(now, self.interval_s):
+                batch = self.take(sub, now)
+                if batch:
+                    yield batch
+                continue
+            sub.waiter = loop.create_future()
+            if sub.dirty and self.timer:
+                sub.arm(sub.last_sent + self.interval_s - now)
+            try:
+                await sub.waiter
+            finally:
+                sub.waiter = None
+                if sub.timer is not None:
+                    sub.timer.cancel()
+                    sub.timer = None

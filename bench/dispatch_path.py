@@ -1,8 +1,8 @@
 """The scheduler's whole per-iteration path in one process: what one scheduler core spends per step.
 
 The real `SchedulerActor` (core, policy, stream delivery, metrics, online cost fit) and `batch`
-streams consuming its `generate`, as the Serve replica runs them, against a simulated model
-actor with the A100 preset's timing. Two ways:
+streams of one ingress replica, submitted and followed through one `subscribe` stream as the
+ingress does, against a simulated model actor with the A100 preset's timing. Two ways:
 
 * `measure_steps`: the path step by step on a virtual clock that advances by the modelled step
   time, each phase timed with perf_counter (plan, pickling the plan, unpickling the result,
@@ -67,7 +67,7 @@ class PicklingThreadLink:
 
 
 def in_process_scheduler(args: EngineArgs, actor) -> SchedulerActor:
-    """A SchedulerActor wired to an in-process actor (no Ray), ready to serve `generate`."""
+    """A SchedulerActor wired to an in-process actor (no Ray), ready to serve `submit` and `subscribe`."""
     sched = SchedulerActor(args)
     cap = actor.capacity()
     sched.capacity = cap
@@ -79,12 +79,37 @@ def in_process_scheduler(args: EngineArgs, actor) -> SchedulerActor:
     return sched
 
 
-async def _consume(sched: SchedulerActor, index: int, max_tokens: int, counts: list[int]) -> None:
-    """One stream: counts[0] tokens, counts[1] messages."""
-    body = {"prompt_token_ids": [1000 + index] * PROMPT_LEN, "max_tokens": max_tokens, "ignore_eos": True}
-    async for msg in sched.generate(body):
-        counts[0] += len(msg.get("token_ids", ()))
-        counts[1] += 1
+class Consumers:
+    """`batch` streams of one ingress replica: one subscription to the scheduler carries all of
+    their messages (as `deploy.scheduler_stream.Subscription` does); counts: tokens, per-request
+    messages, batches (Serve messages)."""
+
+    def __init__(self, sched: SchedulerActor, batch: int, max_tokens: int) -> None:
+        self.sched, self.batch, self.max_tokens = sched, batch, max_tokens
+        self.counts = [0, 0, 0]
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        subscription = self.sched.subscribe("bench")
+        await subscription.__anext__()  # acknowledged: submit may name it
+        self.task = asyncio.create_task(self._read(subscription))
+        for i in range(self.batch):
+            body = {"prompt_token_ids": [1000 + i] * PROMPT_LEN, "max_tokens": self.max_tokens,
+                    "ignore_eos": True}
+            first = await self.sched.submit(body, "bench")
+            if "error" in first:
+                raise RuntimeError(f"request rejected: {first['error']}")
+
+    async def _read(self, subscription) -> None:
+        async for batch in subscription:
+            self.counts[2] += 1
+            for message in batch.values():
+                self.counts[0] += len(message["token_ids"])
+                self.counts[1] += 1
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
 
 
 async def _measure(batch: int, iterations: int, policy: str, interval_s: float, depth: int,
@@ -93,14 +118,13 @@ async def _measure(batch: int, iterations: int, policy: str, interval_s: float, 
                       stream_interval_s=interval_s, dispatch_depth=depth, max_queue_len=10 * batch)
     sched = in_process_scheduler(args, SimModelActor(sleep=sleep))
     dispatcher = sched.dispatchers[0]
-    counts = [0, 0]
-    consumers = [asyncio.create_task(_consume(sched, i, MAX_TOKENS, counts)) for i in range(batch)]
+    consumers = Consumers(sched, batch, MAX_TOKENS)
+    counts = consumers.counts
+    await consumers.start()
     loop_task = asyncio.create_task(dispatcher.run())
     q = sched.core.workers[0]
     while q.num_waiting or q.prefilling or len(q.resident) < batch:
         await asyncio.sleep(0.01)  # until every request decodes
-        if all(c.done() for c in consumers):
-            raise RuntimeError("every stream ended before the measurement (rejected?)")
     for _ in range(20):
         await asyncio.sleep(0)
     start_iter, tokens0 = sched.core.iterations[0], counts[0]
@@ -116,9 +140,9 @@ async def _measure(batch: int, iterations: int, policy: str, interval_s: float, 
     cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
     done = sched.core.iterations[0] - start_iter
     stats = dispatcher.stats.summary()
-    for task in (*consumers, loop_task):
-        task.cancel()
-    await asyncio.gather(*consumers, loop_task, return_exceptions=True)
+    loop_task.cancel()
+    await asyncio.gather(loop_task, return_exceptions=True)
+    await consumers.stop()
     out = {
         "policy": policy, "batch": batch, "depth": depth, "stream_interval_s": interval_s,
         "iterations": done, "scheduler_cpu_us_per_iteration": cpu * 1e6 / done,
@@ -151,10 +175,9 @@ async def _measure_steps(batch: int, iterations: int, policy: str, interval_s: f
     sched = in_process_scheduler(args, actor)
     sched.hub = StreamHub(interval_s, clock=clock, timer=False)
     core, hub = sched.core, sched.hub
-    counts = [0, 0]
-    consumers = [asyncio.create_task(_consume(sched, i, MAX_TOKENS, counts)) for i in range(batch)]
-    for _ in range(3):
-        await asyncio.sleep(0)
+    consumers = Consumers(sched, batch, MAX_TOKENS)
+    counts = consumers.counts
+    await consumers.start()
     rows: list[list[float]] = []  # per measured iteration: the seconds of each phase
     in_flight: deque = deque()
     q = core.workers[0]
@@ -188,10 +211,8 @@ async def _measure_steps(batch: int, iterations: int, policy: str, interval_s: f
             rows.append([*planning, t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4])
         elif not (q.num_waiting or q.prefilling) and len(q.resident) == batch:
             measuring = True  # every request decodes: the steady state starts
-            tokens0, messages0 = counts[0], counts[1]
-    for task in consumers:
-        task.cancel()
-    await asyncio.gather(*consumers, return_exceptions=True)
+            tokens0, messages0, batches0 = counts
+    await consumers.stop()
     # Medians: on a shared box other processes only ever add time (and cold caches after them).
     per_phase = {f"{name}_us": statistics.median(r[k] for r in rows) * 1e6 for k, name in enumerate(PHASES)}
     total = statistics.median(sum(r) for r in rows) * 1e6
@@ -201,6 +222,7 @@ async def _measure_steps(batch: int, iterations: int, policy: str, interval_s: f
             "cpu_us_per_request": total / batch, **per_phase,
             "tokens_per_iteration": (counts[0] - tokens0) / len(rows),
             "messages_per_iteration": (counts[1] - messages0) / len(rows),
+            "serve_messages_per_iteration": (counts[2] - batches0) / len(rows),
             "modelled_step_ms": result.step_time_s * 1e3}
 
 

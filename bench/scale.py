@@ -12,7 +12,8 @@ capacity (Poisson arrivals; LMSYS: the shipped sample's lengths; p512d200: 512-t
 * `replica`: a load generator inside the scheduler replica (`SchedulerActor.load_test`): the real
   dispatch loops, Ray calls and streams, without a Serve call per request or message: the
   scheduler's own ceiling;
-* `handle`: the scheduler's Serve handle, one streaming call per request (what the ingress does);
+* `handle`: the scheduler's Serve handle as the ingress uses it: one subscription stream for all
+  requests' messages, one `submit` call per request;
 * `http`: `fluidserve bench serve` against the HTTP proxy (proxy, ingress, tokenizer, handle).
 
 After `warmup` seconds the window opens: per model actor the busy fraction (step time / wall
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from bench import serve as loadgen
 from bench.cli_lists import choices, positive
+from deploy.scheduler_stream import SchedulerStream, Subscription
 from scheduler import fluid
 from scheduler.cost import preset
 from scheduler.experiment import build_workload, run_policy
@@ -124,20 +126,27 @@ async def drive_replica(scheduler, arrivals: list[Arrival]) -> list[loadgen.Outc
 
 
 async def drive_handle(scheduler, arrivals: list[Arrival]) -> list[loadgen.Outcome]:
-    stream = scheduler.options(stream=True)
+    """What an ingress replica does: one subscription carries every request's messages, one
+    `submit` call per request (deploy.scheduler_stream)."""
+    subscription = Subscription(scheduler)
     start = time.monotonic()
 
     async def one(i: int, a: Arrival) -> loadgen.Outcome:
         await asyncio.sleep(max(0.0, start + a.time - time.monotonic()))
         sent, first, tokens = time.monotonic() - start, None, 0
-        body = {"prompt_token_ids": loadgen.prompt_ids(a.prompt_len, i), "max_tokens": a.output_len,
-                "ignore_eos": True}
-        async for message in stream.generate.remote(body):
-            if message.get("error"):
-                return _outcome(i, a, sent, first, None, tokens)
-            if message.get("token_ids"):
-                first = first if first is not None else time.monotonic() - start
-                tokens += len(message["token_ids"])
+        stream = SchedulerStream(subscription, {"prompt_token_ids": loadgen.prompt_ids(a.prompt_len, i),
+                                                "max_tokens": a.output_len, "ignore_eos": True})
+        try:
+            if "error" in await stream.open():
+                return _outcome(i, a, sent, None, None, 0)
+            async for message in stream.messages():
+                if message.get("error"):
+                    return _outcome(i, a, sent, first, None, tokens)
+                if message.get("token_ids"):
+                    first = first if first is not None else time.monotonic() - start
+                    tokens += len(message["token_ids"])
+        finally:
+            stream.close()
         return _outcome(i, a, sent, first, time.monotonic() - start, tokens)
 
     return list(await asyncio.gather(*(one(i, a) for i, a in enumerate(arrivals))))

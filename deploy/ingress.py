@@ -26,7 +26,7 @@ from deploy.outputs import Delta, OutputAssembler
 from deploy.prepare import ModelLimits, PromptBuilder, check_length, check_vocab
 from deploy.protocol import APIError, ChatRequest, CompletionRequest, parse
 from deploy.responses import ChatFormat, CompletionFormat, new_id, usage
-from deploy.scheduler_stream import SchedulerLost, SchedulerStream
+from deploy.scheduler_stream import SchedulerLost, SchedulerStream, Subscription
 from deploy.tokenizer import load_tokenizer, served_model_name
 from monitoring.metrics import CONTENT_TYPE
 
@@ -92,6 +92,7 @@ class Ingress:
                  api_key_env: str | None = "FLUIDSERVE_API_KEY", metrics_api_key_env: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.scheduler = scheduler
+        self.subscription = Subscription(scheduler)  # all this replica's streams in one
         self.model = model
         self.model_name = model_name or served_model_name(model)
         self.tokenizer = load_tokenizer(model)
@@ -241,7 +242,7 @@ class Ingress:
     async def _generate(self, ids: list[int], req, max_tokens: int | None):
         """Submit to the scheduler; returns (prompt_tokens, async iterator of Deltas). Admission
         errors (400/429/503) raise here, before any response is started."""
-        stream = SchedulerStream(self.scheduler, {
+        stream = SchedulerStream(self.subscription, {
             "prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": req.temperature,
             "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed,
             "stop_token_ids": req.stop_token_ids or [], "ignore_eos": req.ignore_eos,

@@ -60,8 +60,11 @@ def test_32_concurrent_requests_complete_on_both_model_actors(client, app):
     with cf.ThreadPoolExecutor(32) as pool:
         counts = list(pool.map(one, range(32)))
     assert len(counts) == 32 and all(c >= 1 for c in counts)
-    after = app.debug_state()["iterations"]
+    state = app.debug_state()
+    after = state["iterations"]
     assert all(a > b for a, b in zip(after, before)), f"every model actor ran: {before} -> {after}"
+    # The ingress replica followed all 32 through one multiplexed stream from the scheduler.
+    assert state["subscribers"] == 1 and state["streams"] == 0
 
 
 def test_greedy_output_equals_in_process_engine(client, app):

@@ -1,5 +1,6 @@
-"""Stream delivery in the scheduler actor: tokens of fast iterations travel together, and a
-stream's generator wakes once per message, not once per token."""
+"""Stream delivery in the scheduler actor: tokens of fast iterations travel together, a
+subscriber's generator wakes once per message, not once per token, and one subscriber carries
+many requests' messages in one batch."""
 from __future__ import annotations
 
 import asyncio
@@ -26,10 +27,16 @@ async def produce(hub: StreamHub, reqs: list[Request], n: int, every_s: float) -
 
 
 async def consume(hub: StreamHub, req: Request, wakeups: list) -> list[tuple[float, dict]]:
-    stream = hub.open(req)
+    """One request on a subscriber of its own (as the scheduler's `generate`)."""
+    sub = hub.subscribe(req.request_id)
+    hub.open(req, sub)
     messages = []
-    async for msg in hub.messages(stream):
+    async for batch in hub.messages(sub):
+        msg = batch[req.request_id]
         messages.append((time.monotonic(), msg))
+        if msg["finish_reason"]:
+            break
+    hub.unsubscribe(sub)
     wakeups.append(len(messages))
     return messages
 
@@ -84,12 +91,61 @@ def test_many_streams_wake_once_per_message():
         assert len(messages) <= 10
 
 
+def test_one_subscriber_carries_many_streams_in_one_batch_per_interval():
+    """An ingress replica's 200 requests on one subscriber: every token of every request, in
+    order, in a few batches (one Serve message each), not one message per request."""
+    async def main():
+        hub = StreamHub(0.05)
+        sub = hub.subscribe("ingress")
+        reqs = [Request(f"r{k}", 4, 60, 0.0) for k in range(200)]
+        for req in reqs:
+            hub.open(req, sub)
+        received: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+        batches = 0
+
+        async def read():
+            nonlocal batches
+            finished = 0
+            async for batch in hub.messages(sub):
+                batches += 1
+                for rid, msg in batch.items():
+                    received[rid] += msg["token_ids"]
+                    finished += msg["finish_reason"] is not None
+                if finished == len(reqs):
+                    return
+
+        reader = asyncio.create_task(read())
+        await produce(hub, reqs, 60, every_s=0.004)
+        await asyncio.wait_for(reader, 5)
+        assert hub.unsubscribe(sub) == []  # nothing left running
+        return received, batches
+
+    received, batches = asyncio.run(main())
+    assert all(tokens == list(range(60)) for tokens in received.values())
+    assert batches <= 10
+
+
+def test_unsubscribing_names_the_unfinished_requests():
+    hub = StreamHub(0.05)
+    sub = hub.subscribe("ingress")
+    done, running = Request("a", 4, 1, 0.0), Request("b", 4, 10, 0.0)
+    for req in (done, running):
+        hub.open(req, sub)
+    done.output_token_ids.append(1)
+    done.finish_reason = "length"
+    hub.deliver([TokenEvent(done, 1, "length")])
+    assert set(hub.take(sub, 0.0)) == {"a"}
+    assert hub.unsubscribe(sub) == ["b"]
+    assert len(hub) == 0
+
+
 def test_a_failed_step_ends_the_stream_with_its_error():
     async def main():
         hub = StreamHub(0.05)
         req = Request("r", 4, 10, 0.0)
-        stream = hub.open(req)
-        task = asyncio.create_task(_collect(hub, stream))
+        sub = hub.subscribe("r")
+        hub.open(req, sub)
+        task = asyncio.create_task(_collect(hub, sub))
         await asyncio.sleep(0.01)
         req.output_token_ids.append(5)
         hub.deliver([TokenEvent(req, 5, None)])
@@ -102,5 +158,10 @@ def test_a_failed_step_ends_the_stream_with_its_error():
     assert messages[-1]["finish_reason"] == "error" and "boom" in messages[-1]["error"]
 
 
-async def _collect(hub: StreamHub, stream) -> list[dict]:
-    return [m async for m in hub.messages(stream)]
+async def _collect(hub: StreamHub, sub) -> list[dict]:
+    out = []
+    async for batch in hub.messages(sub):
+        out += batch.values()
+        if out[-1]["finish_reason"]:
+            return out
+    return out
