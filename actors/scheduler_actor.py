@@ -2,13 +2,15 @@
 actor (`actors.dispatch`: plans sent ahead, results committed), token streams (`actors.streams`),
 and metrics.
 
-Runs as the single replica of a Serve deployment. Requests arrive through `generate`, an async
-generator: the first item acknowledges admission (or carries a typed error), later items carry
-token ids as the model actors produce them. Closing the generator (client gone) cancels the
-request and frees its KV at once. A model actor that dies mid-iteration is restarted by Ray; its
+Runs as the single replica of a Serve deployment. An ingress replica opens one `subscribe`
+stream, then admits each request with `submit` (a typed error, or its id) and hears its tokens
+in that stream's batches {request_id: message}, one Serve message per stream interval for all
+its requests; `cancel` (client gone) frees a request's KV at once, and so does the subscription
+ending. `generate` is one request's own stream, for Python callers. A model actor that dies mid-iteration is restarted by Ray; its
 requests re-prefill their prompt plus the tokens already streamed (`actors.recovery`), so
 streams just continue. `GET /metrics` is rendered in a thread at most every
-`metrics_refresh_s`, never on the dispatch loops.
+`metrics_refresh_s`, never on the dispatch loops. What tests and benchmarks ask (state, dispatch
+statistics, an in-replica load generator) is in `actors.scheduler_probes`.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from actors.dispatch import Dispatcher
-from actors.naming import actor_name, owner_scope
+from actors.naming import owner_scope
 from actors.placement import EngineArgs, create_model_actors
 from actors.recovery import RayActorLink
+from actors.scheduler_probes import SchedulerProbes
 from actors.streams import StreamHub
 from monitoring.metrics import MetricsCache, ServingMetrics
 from scheduler.core import SchedulerCore, TokenEvent
@@ -44,7 +47,7 @@ START_BACKOFF_S = 2.0
 CAPACITY_TIMEOUT_S = 900.0  # model actors load their weights (and profile, on a GPU) before answering
 
 
-class SchedulerActor:
+class SchedulerActor(SchedulerProbes):
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
         self.model_name = args.model_name or args.model
@@ -355,65 +358,3 @@ class SchedulerActor:
         sol = policy.fluid_solution(rate / max(1, workers)).solution
         memory = sol.memory_tokens if sol.stable else float(sol.kv_capacity_tokens)
         return sol.throughput_tok_s * workers, memory, sol.load
-
-    async def debug_state(self) -> dict:
-        """Counts for tests: KV blocks in use per model actor, queue lengths."""
-        self._ensure_started()
-        await self._ready.wait()
-        return {
-            "used_blocks": [q.pool.num_used_blocks for q in self.core.workers],
-            "requests": len(self.core.requests),
-            "streams": len(self.hub),
-            "subscribers": len(self.hub.subscribers),  # one per ingress replica (+ open `generate`s)
-            "iterations": self.core.iterations,
-            "evictions": self.core.num_evictions,
-            "epochs": [q.epoch for q in self.core.workers],  # resets of each model actor
-            "actor_names": [actor_name(i, self.owner) for i in range(len(self.actors))],
-            "healthy": [q.healthy for q in self.core.workers],
-            "busy": [q.busy for q in self.core.workers],
-            "next_wake_in_s": [None if (t := self.core.next_wake(i)) is None else t - time.monotonic()
-                               for i in range(len(self.core.workers))],
-            # A few requests' progress, to tell a stall from slow progress.
-            "sample": {r.request_id[:8]: (r.state.value, r.worker, r.num_computed_tokens, r.prefill_target,
-                                          r.num_generated) for r in list(self.core.requests.values())[:8]},
-            **self.core.counts(),
-        }
-
-    async def load_test(self, arrivals: list[tuple[float, int, int]]) -> list[tuple]:
-        """A load generator inside this replica, for `bench scale`: each (offset s, prompt
-        tokens, output tokens) goes through `generate` at its time, no Serve call per request or
-        message, so the dispatch path's own ceiling shows. Returns per request (sent, first
-        token, end, tokens) in seconds after the start (None where it failed)."""
-        self._ensure_started()
-        await self._ready.wait()
-        start = time.monotonic()
-
-        async def one(offset: float, prompt_len: int, output_len: int) -> tuple:
-            await asyncio.sleep(max(0.0, start + offset - time.monotonic()))
-            sent, first, tokens = time.monotonic() - start, None, 0
-            body = {"prompt_token_ids": [1000 + (prompt_len + i) % 20000 for i in range(prompt_len)],
-                    "max_tokens": output_len, "ignore_eos": True}
-            async for message in self.generate(body):
-                if message.get("error"):
-                    return sent, None, None, tokens
-                if message.get("token_ids"):
-                    first = first if first is not None else time.monotonic() - start
-                    tokens += len(message["token_ids"])
-            return sent, first, time.monotonic() - start, tokens
-
-        return list(await asyncio.gather(*(one(*a) for a in arrivals)))
-
-    async def dispatch_stats(self, reset: bool = False, samples: bool = False) -> dict:
-        """Per model actor: busy fraction, gaps between steps; the replica's CPU time and pid
-        (benchmarks read these; `reset` starts a new measurement window). `samples`: the latest
-        steps' (new tokens, attended KV, period s), what a cost model is fitted to."""
-        self._ensure_started()
-        await self._ready.wait()
-        out = {"actors": [d.stats.summary() for d in self.dispatchers], "pid": os.getpid(),
-               "process_cpu_s": time.process_time(), "monotonic": time.monotonic()}
-        if samples:
-            out["samples"] = [s for d in self.dispatchers for s in d.stats.samples]
-        if reset:
-            for d in self.dispatchers:
-                d.stats.reset()
-        return out
