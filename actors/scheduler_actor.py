@@ -29,7 +29,7 @@ from actors.naming import owner_scope
 from actors.placement import EngineArgs, create_model_actors
 from actors.recovery import RayActorLink
 from actors.scheduler_probes import SchedulerProbes
-from actors.streams import StreamHub
+from actors.streams import StreamHub, Subscriber
 from monitoring.metrics import MetricsCache, ServingMetrics
 from scheduler.core import SchedulerCore, TokenEvent
 from scheduler.cost import CostModel, OnlineCostFit
@@ -179,7 +179,7 @@ class SchedulerActor(SchedulerProbes):
             for rid in self.hub.unsubscribe(sub):
                 self._cancel(rid)
 
-    def _admit(self, request: dict, sub) -> dict:
+    def _admit(self, request: dict, sub: Subscriber) -> dict:
         if self._start_error:
             return {"error": {"status": 503, "message": f"the model is not available: {self._start_error}",
                               "code": "service_unavailable"}}

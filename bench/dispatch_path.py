@@ -6,7 +6,7 @@ ingress does, against a simulated model actor with the A100 preset's timing. Two
 
 * `measure_steps`: the path step by step on a virtual clock that advances by the modelled step
   time, each phase timed with perf_counter (plan, pickling the plan, unpickling the result,
-  commit, delivery, records, the streams' wakeups); the actor's own work is not counted. This is
+  commit, delivery, records, the subscriber building its batch); the actor's own work is not counted. This is
   the intrinsic cost, free of the event loop's idle wakeups and of the neighbours' cache
   pollution on a shared box.
 * `measure`: the real dispatch loop (`actors.dispatch.Dispatcher`) in real time, the actor in a

@@ -45,15 +45,18 @@ THRESHOLD_POLICIES = ("nested-wait", "wait")
 COMPARED_KEYS = ("throughput_tok_s", *LATENCY_KEYS, "completed", "submitted")
 # Live calibration probes: lone prefills of these prompt lengths, lockstep decode batches of these
 # (size, prompt length) with PROBE_OUTPUT tokens each, PROBE_REPEATS times each. Two contexts, so
-# that d_kv is not confounded with the per-request cost of a decode (streaming its token).
+# that d_kv is not confounded with the per-request cost of a decode (streaming its token), and a
+# batch as large and long as a loaded run's (32 x ~240 attended tokens): fitted on small contexts
+# only, d_kv swung 0.6-5.4 us between calibrations, and a loaded run attends thousands of tokens.
 PREFILL_PROBES = (16, 64, 256)
-DECODE_PROBES = ((1, 32), (8, 32), (32, 32), (8, 160))
+DECODE_PROBES = ((1, 32), (8, 32), (32, 32), (8, 160), (32, 224))
 PROBE_OUTPUT = 16
 PROBE_REPEATS = 4
 # Then requests of the benchmark's own workload (another seed) at this load of the first fit, so
 # that the final fit covers the batch shapes the runs will see instead of extrapolating to them.
 WORKLOAD_PROBE_LOAD = 0.6
 WORKLOAD_PROBE_REQUESTS = 30
+SPEED_CHECK_REQUESTS = 40
 
 # deploy(app_args) -> base URL of the running app (deploy.local.start, or a test fixture).
 Deployer = Callable[[dict], str]
@@ -77,6 +80,9 @@ class LiveConfig:
     # calibration's, so all policies see the same arrivals; the policies of one rate share a fit).
     calibrate_each: bool = False
     calibration_repeats: int = PROBE_REPEATS
+    # Before each run, this many requests of the workload at the run's rate on the run's own
+    # deployment measure its speed against the calibration (0: none: the calibration as it is).
+    speed_check_requests: int = SPEED_CHECK_REQUESTS
     out_dir: Path = RESULTS_DIR
     port: int = 8000
     progress: bool = True
@@ -221,24 +227,53 @@ def sim_error(live: dict, sim: dict) -> float:
                relative(sim["throughput_tok_s"], live["throughput_tok_s"]))
 
 
+def speed_check(config: LiveConfig, url: str, cost: CostModel, rate: float) -> float:
+    """The run's own deployment, just before the run: a slice of the workload (another seed) at
+    the run's own rate, and how much slower (+) or faster (-) its steps are than the calibration
+    says. The calibration ran in another deployment minutes earlier and at a lower load; on a
+    2-core box the serving processes' CPU grows with the load and slows the model's steps, and
+    at load 0.7 queueing turns a few percent of step time into two or three times as much
+    latency."""
+    if config.speed_check_requests <= 0:
+        return 0.0
+    probe = replace(config, seed=config.seed + 2000, num_requests=config.speed_check_requests)
+    reset_steps()
+    outs = loadgen.run_sync(url, arrivals_at(probe, rate), index_base=200_000)
+    if any(not o.ok for o in outs):
+        raise RuntimeError(f"speed-check request failed: {next(o.error for o in outs if not o.ok)}")
+    samples = step_samples()
+    predicted = sum(cost.iteration_time(n, kv) for n, kv, _ in samples)
+    return sum(period for _, _, period in samples) / predicted - 1 if predicted else 0.0
+
+
+def scaled(cost: CostModel, speed: float) -> CostModel:
+    """The cost model with every step `speed` (a fraction) slower."""
+    f = 1.0 + speed
+    return replace(cost, d0=cost.d0 * f, d_tok=cost.d_tok * f, d_kv=cost.d_kv * f)
+
+
 def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: float, load: float) -> dict:
     """One policy at one rate: the load generator against the app, and the simulator twice:
     with the calibrated cost model (the prediction), and replayed with a cost model fitted to
     the run's own steps (the policy still plans with the calibrated one, as the live one did).
     The replay checks the twin's scheduling; their gap is the box's drift."""
     arrivals = arrivals_at(config, rate)
-    _log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests")
+    speed = speed_check(config, url, cost, rate)
+    _log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests; "
+                 f"speed check: steps {speed:+.1%} vs calibration")
     reset_steps()
     live = loadgen.report(loadgen.run_sync(url, arrivals, progress=config.progress))
     samples = step_samples()
     run_fit = robust_fit(samples, kv_capacity_tokens=cost.kv_capacity_tokens, block_size=cost.block_size,
                          name=f"{config.model}@run", mean_preserving=True)
-    sim = simulate(policy, arrivals, cost)
+    # The prediction: the policy plans with the calibration (as the live one does), steps take
+    # the calibration's time corrected by the speed check, both known before the run starts.
+    sim = simulate(policy, arrivals, cost, clock=scaled(cost, speed) if speed else None)
     replay = simulate(policy, arrivals, cost, clock=run_fit.model)
     run = {"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim, "replay": replay,
            "sim_error": sim_error(live, sim), "replay_error": sim_error(live, replay),
-           "drift": drift(samples, cost, run_fit.model), "host_load_avg": os.getloadavg()[0], "cost": asdict(cost),
-           "run_cost": asdict(run_fit.model)}
+           "speed_check": speed, "drift": drift(samples, cost, run_fit.model),
+           "host_load_avg": os.getloadavg()[0], "cost": asdict(cost), "run_cost": asdict(run_fit.model)}
     _log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
                  f"sim mean {sim['latency_mean_s']:.2f}s {sim['throughput_tok_s']:.1f} tok/s | "
                  f"error {run['sim_error']:.0%} | steps {run['drift']:+.0%} vs calibration | "
@@ -325,10 +360,10 @@ def markdown(out: dict) -> str:
          f"KV {c['kv_capacity_tokens']} tokens (each row's own d0 in the table)."),
         "",
         ("| policy | rate (req/s) | load | live mean (s) | sim mean (s) | live p90 (s) | sim p90 (s) "
-         "| live TTFT (s) | sim TTFT (s) | live tok/s | sim tok/s | done | sim d0 (ms) | cost model ± | sim error "
-         "| steps vs calibration | replay mean (s) | replay error |"),
+         "| live TTFT (s) | sim TTFT (s) | live tok/s | sim tok/s | done | sim d0 (ms) | cost model ± "
+         "| speed check | sim error | steps vs calibration | replay mean (s) | replay error |"),
         ("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-         "| ---: | ---: | ---: |"),
+         "| ---: | ---: | ---: | ---: |"),
     ]
     for r in out["runs"]:
         lv, sm = r["live"], r["sim"]
@@ -337,7 +372,7 @@ def markdown(out: dict) -> str:
             f"{sm['latency_mean_s']:.2f} | {lv['latency_p90_s']:.2f} | {sm['latency_p90_s']:.2f} | "
             f"{lv['ttft_mean_s']:.2f} | {sm['ttft_mean_s']:.2f} | {lv['throughput_tok_s']:.1f} | "
             f"{sm['throughput_tok_s']:.1f} | {lv['completed']}/{lv['submitted']} | "
-            f"{r['cost']['d0'] * 1e3:.0f} | {_uncertainty(r)} | {r['sim_error']:.0%} | {_replay(r)}")
+            f"{r['cost']['d0'] * 1e3:.0f} | {_uncertainty(r)} | {_speed(r)} | {r['sim_error']:.0%} | {_replay(r)}")
     return "\n".join(lines) + "\n"
 
 
@@ -345,6 +380,11 @@ def _replay(run: dict) -> str:
     if "replay" not in run:  # results written before the replay existed
         return "- | - | - |"
     return f"{run['drift']:+.0%} | {run['replay']['latency_mean_s']:.2f} | {run['replay_error']:.0%} |"
+
+
+def _speed(run: dict) -> str:
+    """The speed check before the run (results written before it existed, or none made: -)."""
+    return f"{run['speed_check']:+.1%}" if run.get("speed_check") else "-"
 
 
 def _uncertainty(run: dict) -> str:
@@ -399,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "earlier run wrote to --out-dir) instead of calibrating; only on the same box")
     p.add_argument("--calibration-repeats", type=int, default=PROBE_REPEATS,
                    help="rounds of calibration probes (more: a tighter fit, a longer calibration)")
+    p.add_argument("--speed-check-requests", type=int, default=SPEED_CHECK_REQUESTS,
+                   help="requests of the workload on each run's deployment before it, to correct the "
+                        "calibration for the box's speed then (0: none)")
     p.add_argument("--calibrate-each", action="store_true",
                    help="re-fit the cost model before every rate (a shared, drifting box)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -414,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         types=args.types, num_requests=args.num_requests, seed=args.seed, model=args.model,
         max_prompt=args.max_prompt, max_output=args.max_output, kv_cache_tokens=args.kv_cache_tokens,
         cost_file=args.cost_file, calibrate_each=args.calibrate_each,
-        calibration_repeats=args.calibration_repeats,
+        calibration_repeats=args.calibration_repeats, speed_check_requests=args.speed_check_requests,
         out_dir=args.out_dir, port=args.port,
         progress=sys.stderr.isatty(),
     )

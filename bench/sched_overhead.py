@@ -5,7 +5,8 @@ and the scheduler's whole per-iteration path at a decode batch of 256.
         [--sections core,dispatch,ray] [--json]
 
 Section `dispatch` (`bench.dispatch_path`): plan, pickling the plan, unpickling the result,
-commit, token delivery, records and the streams' wakeups, phase by phase (medians), at the
+commit, token delivery, records and the subscriber's batch of stream messages (`stream_wakeups`:
+one Serve message per interval for an ingress replica's streams), phase by phase (medians), at the
 stream intervals 0.05 s (the default) and 0.2 s, plus the real dispatch loop in real time
 against a simulated A100 actor (busy fraction, gaps). Section `ray`: Ray's own CPU per
 `execute.remote` round trip with a 256-row plan.
@@ -160,11 +161,13 @@ def print_dispatch(rows: list[dict]) -> str:
     keys = ("plan_us", "pickle_plan_us", "unpickle_result_us", "commit_us", "deliver_us", "record_us",
             "stream_wakeups_us")
     lines = ["batch 256, all decoding; per iteration, medians (us):",
-             "interval " + " ".join(f"{k[:-3]:>14}" for k in keys) + f" {'total':>8} {'msgs/iter':>9}"]
+             "interval " + " ".join(f"{k[:-3]:>14}" for k in keys) + f" {'total':>8} {'msgs/iter':>9}"
+             f" {'Serve msgs':>10}"]
     for r in rows:
         if "plan_us" in r:
             lines.append(f"{r['stream_interval_s']:>8} " + " ".join(f"{r[k]:>14.0f}" for k in keys)
-                         + f" {r['scheduler_cpu_us_per_iteration']:>8.0f} {r['messages_per_iteration']:>9.0f}")
+                         + f" {r['scheduler_cpu_us_per_iteration']:>8.0f} {r['messages_per_iteration']:>9.0f}"
+                         f" {r['serve_messages_per_iteration']:>10.2f}")
         else:
             lines.append(f"real-time dispatch loop (event loop thread CPU, everything): "
                          f"{r['scheduler_cpu_us_per_iteration']:.0f} us/iteration; actor busy "

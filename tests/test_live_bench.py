@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 def tiny_config(out_dir) -> live.LiveConfig:
     return live.LiveConfig(policies=["vllm"], rates=[2.0], num_requests=15, model="random:tiny",
                            max_prompt=64, max_output=16, kv_cache_tokens=4096, out_dir=out_dir,
-                           progress=False, calibration_repeats=1)
+                           progress=False, calibration_repeats=1, speed_check_requests=5)
 
 
 # The app bench.live deploys for vllm: the load generator tests use it too (no redeploy between).
@@ -67,6 +67,7 @@ def test_bench_live_one_policy_one_rate(deploy_app, tmp_path):
     assert_sane(run["live"])
     assert_sane(run["sim"])
     assert math.isfinite(run["sim_error"]) and run["sim_error"] >= 0
+    assert -0.9 < run["speed_check"] < 10  # the run's deployment against the calibration, before it
     assert out["cost"]["kv_capacity_tokens"] > 0 and out["cost"]["d0"] > 0
     cal = out["calibration"]  # fitted to the scheduler's own steps, with its uncertainty
     assert cal["steps"] >= 20 and 0 <= cal["rel_uncertainty"] < 1 and set(cal["std"]) == {"d0", "d_tok", "d_kv"}
