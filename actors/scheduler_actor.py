@@ -6,11 +6,11 @@ Runs as the single replica of a Serve deployment. An ingress replica opens one `
 stream, then admits each request with `submit` (a typed error, or its id) and hears its tokens
 in that stream's batches {request_id: message}, one Serve message per stream interval for all
 its requests; `cancel` (client gone) frees a request's KV at once, and so does the subscription
-ending. `generate` is one request's own stream, for Python callers. A model actor that dies mid-iteration is restarted by Ray; its
-requests re-prefill their prompt plus the tokens already streamed (`actors.recovery`), so
-streams just continue. `GET /metrics` is rendered in a thread at most every
-`metrics_refresh_s`, never on the dispatch loops. What tests and benchmarks ask (state, dispatch
-statistics, an in-replica load generator) is in `actors.scheduler_probes`.
+ending. `generate` is one request's own stream, for Python callers. A model actor that dies
+mid-iteration is restarted by Ray; its requests re-prefill their prompt plus the tokens already
+streamed (`actors.recovery`), so streams just continue. `GET /metrics` is rendered in a thread at
+most every `metrics_refresh_s`, never on the dispatch loops. What tests and benchmarks ask
+(state, dispatch statistics, an in-replica load generator) is in `actors.scheduler_probes`.
 """
 from __future__ import annotations
 
@@ -138,8 +138,7 @@ class SchedulerActor(SchedulerProbes):
             async for batch in self.hub.messages(sub):
                 yield batch
         finally:
-            for rid in self.hub.unsubscribe(sub):
-                self._cancel(rid)
+            self._unsubscribe(sub)
 
     async def submit(self, request: dict, subscriber_id: str) -> dict:
         """Admit one request whose messages go to `subscriber_id`'s stream: returns
@@ -176,8 +175,12 @@ class SchedulerActor(SchedulerProbes):
                     if message["finish_reason"] is not None:
                         return
         finally:
-            for rid in self.hub.unsubscribe(sub):
-                self._cancel(rid)
+            self._unsubscribe(sub)
+
+    def _unsubscribe(self, sub: Subscriber) -> None:
+        """The subscriber is gone: its requests still running are cancelled (KV freed at once)."""
+        for rid in self.hub.unsubscribe(sub):
+            self._cancel(rid)
 
     def _admit(self, request: dict, sub: Subscriber) -> dict:
         if self._start_error:

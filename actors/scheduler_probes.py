@@ -85,12 +85,13 @@ class SchedulerProbes:
         reader = asyncio.create_task(read())
         try:
             await asyncio.gather(*(send(i, *a) for i, a in enumerate(arrivals)))
-            if pending:
-                await all_done
+            if pending:  # until every request ended, or the reader failed (then it raises here)
+                await asyncio.wait({reader, all_done}, return_when=asyncio.FIRST_COMPLETED)
+                if reader.done():
+                    reader.result()
         finally:
             reader.cancel()
-            for rid in self.hub.unsubscribe(sub):
-                self._cancel(rid)
+            self._unsubscribe(sub)
         return [tuple(row) for row in results]
 
     async def dispatch_stats(self, reset: bool = False, samples: bool = False) -> dict:

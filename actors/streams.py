@@ -4,9 +4,9 @@ A subscriber is one multiplexed stream out of the scheduler replica: an ingress 
 all of its requests through one `subscribe` stream, and `generate` (one request, one stream) is
 a subscriber with a single request. A commit appends tokens to `Request.output_token_ids`;
 delivery only marks the request's stream dirty in its subscriber. A subscriber sends one message,
-{request_id: message} for every dirty stream, at once when one of them has its first token,
-finishes or fails (TTFT, end of stream), otherwise at most every `interval_s` (Ray Serve LLM
-batches streams the same way). So per request per iteration delivery is a dict lookup and a dict
+{request_id: message} for every dirty stream, at most every `interval_s` (Ray Serve LLM batches
+streams the same way); a stream's first token, finish or error goes at once (TTFT, end of
+stream), in a message of the streams that have one, without flushing the others. So per request per iteration delivery is a dict lookup and a dict
 store; a subscriber's generator wakes once per message whatever the number of its requests, and
 Serve carries one message per interval per ingress replica instead of one per request.
 """
@@ -65,14 +65,17 @@ class Subscriber:
         self.id = subscriber_id
         self.streams: dict[str, Stream] = {}
         self.dirty: dict[str, Stream] = {}  # something to send (insertion-ordered set)
-        self.urgent = False  # a first token, a finish or an error is dirty: send now
+        self.urgent: dict[str, Stream] = {}  # a first token, a finish or an error: send now
         self.last_sent = float("-inf")
         self.waiter: asyncio.Future | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.closed = False
 
+    def interval_over(self, now: float, interval_s: float) -> bool:
+        return bool(self.dirty) and now - self.last_sent >= interval_s
+
     def due(self, now: float, interval_s: float) -> bool:
-        return self.urgent or (bool(self.dirty) and now - self.last_sent >= interval_s)
+        return bool(self.urgent) or self.interval_over(now, interval_s)
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -123,8 +126,9 @@ class StreamHub:
     def close(self, request_id: str) -> None:
         stream = self.streams.pop(request_id, None)
         if stream is not None:
-            stream.subscriber.streams.pop(request_id, None)
-            stream.subscriber.dirty.pop(request_id, None)
+            sub = stream.subscriber
+            for place in (sub.streams, sub.dirty, sub.urgent):
+                place.pop(request_id, None)
 
     # -- from the dispatch loops ---------------------------------------------------------------
     def deliver(self, events: Iterable[TokenEvent]) -> None:
@@ -142,7 +146,7 @@ class StreamHub:
             sub = stream.subscriber
             sub.dirty[ev.request.request_id] = stream
             if ev.finish_reason or stream.sent == 0:
-                sub.urgent = True
+                sub.urgent[ev.request.request_id] = stream
             touched.add(sub)
         now = self.clock()
         for sub in touched:
@@ -163,8 +167,7 @@ class StreamHub:
 
     def _mark_urgent(self, stream: Stream) -> None:
         sub = stream.subscriber
-        sub.dirty[stream.request.request_id] = stream
-        sub.urgent = True
+        sub.dirty[stream.request.request_id] = sub.urgent[stream.request.request_id] = stream
         sub.wake()
 
     def _poke(self, sub: Subscriber, now: float) -> None:
@@ -183,9 +186,17 @@ class StreamHub:
 
     # -- from a subscriber's generator -----------------------------------------------------------
     def take(self, sub: Subscriber, now: float) -> dict[str, dict]:
-        """The messages of every dirty stream of `sub`; finished streams are closed."""
+        """The messages of `sub`'s dirty streams once its interval is over, else of its urgent
+        ones only (the others keep their interval); finished streams are closed."""
+        if sub.interval_over(now, self.interval_s):
+            streams, sub.dirty, sub.last_sent = sub.dirty, {}, now
+        else:
+            streams = sub.urgent
+            for rid in streams:
+                sub.dirty.pop(rid, None)
+        sub.urgent = {}
         batch = {}
-        for rid, stream in sub.dirty.items():
+        for rid, stream in streams.items():
             message = stream.take()
             if message is None:
                 continue
@@ -193,9 +204,6 @@ class StreamHub:
             if stream.done:
                 sub.streams.pop(rid, None)
                 self.streams.pop(rid, None)
-        sub.dirty = {}
-        sub.urgent = False
-        sub.last_sent = now
         return batch
 
     async def messages(self, sub: Subscriber) -> AsyncIterator[dict[str, dict]]:

@@ -88,11 +88,12 @@ class Consumers:
         self.sched, self.batch, self.max_tokens = sched, batch, max_tokens
         self.counts = [0, 0, 0]
         self.task: asyncio.Task | None = None
+        self.subscription = None
 
     async def start(self) -> None:
-        subscription = self.sched.subscribe("bench")
-        await subscription.__anext__()  # acknowledged: submit may name it
-        self.task = asyncio.create_task(self._read(subscription))
+        self.subscription = self.sched.subscribe("bench")
+        await self.subscription.__anext__()  # acknowledged: submit may name it
+        self.task = asyncio.create_task(self._read(self.subscription))
         for i in range(self.batch):
             body = {"prompt_token_ids": [1000 + i] * PROMPT_LEN, "max_tokens": self.max_tokens,
                     "ignore_eos": True}
@@ -110,6 +111,7 @@ class Consumers:
     async def stop(self) -> None:
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+        await self.subscription.aclose()  # the scheduler unsubscribes and cancels the streams
 
 
 async def _measure(batch: int, iterations: int, policy: str, interval_s: float, depth: int,

@@ -384,7 +384,7 @@ def _replay(run: dict) -> str:
 
 def _speed(run: dict) -> str:
     """The speed check before the run (results written before it existed, or none made: -)."""
-    return f"{run['speed_check']:+.1%}" if run.get("speed_check") else "-"
+    return f"{run['speed_check']:+.1%}" if "speed_check" in run else "-"
 
 
 def _uncertainty(run: dict) -> str:

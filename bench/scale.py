@@ -149,7 +149,10 @@ async def drive_handle(scheduler, arrivals: list[Arrival]) -> list[loadgen.Outco
             stream.close()
         return _outcome(i, a, sent, first, time.monotonic() - start, tokens)
 
-    return list(await asyncio.gather(*(one(i, a) for i, a in enumerate(arrivals))))
+    try:
+        return list(await asyncio.gather(*(one(i, a) for i, a in enumerate(arrivals))))
+    finally:
+        subscription.close()
 
 
 async def drive_http(url: str, arrivals: list[Arrival]) -> list[loadgen.Outcome]:

@@ -105,6 +105,10 @@ class Ingress:
         self.max_body_bytes = max_body_bytes
         self._info: dict | None = None
 
+    def __del__(self) -> None:
+        # Serve calls this when the replica shuts down: the scheduler cancels its requests at once.
+        self.subscription.close()
+
     # -- the Python API (Serve handles) ----------------------------------------------------------
     async def completions(self, body: dict) -> dict | AsyncIterator[dict]:
         """An OpenAI completion (or, with stream, its chunks); errors come back as {"error": ...}."""

@@ -49,6 +49,8 @@ class _Feed:
         self.id = subscriber_id
         self.queues: dict[str, asyncio.Queue] = {}
         self.reader: asyncio.Task | None = None
+        self.opened: asyncio.Future = asyncio.get_running_loop().create_future()  # acknowledged
+        self.opened.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
 
 
 class Subscription:
@@ -77,6 +79,7 @@ class Subscription:
             first = await self.scheduler.submit.remote(body, feed.id)
         except BaseException:
             feed.queues.pop(rid, None)
+            self.cancel(rid)  # the caller went away mid-call: the request may have been admitted
             raise
         if "error" in first:
             feed.queues.pop(rid, None)
@@ -88,19 +91,20 @@ class Subscription:
             if feed is not None and not feed.reader.done():
                 return feed
             feed = self._feed = _Feed(uuid.uuid4().hex)
-            opened = asyncio.get_running_loop().create_future()
             # A fresh context: Ray Serve cancels calls made in a request's context when that
             # request ends, and the subscription outlives every request.
-            feed.reader = asyncio.get_running_loop().create_task(self._read(feed, opened),
+            feed.reader = asyncio.get_running_loop().create_task(self._read(feed),
                                                                  context=contextvars.Context())
-            await opened
+            await asyncio.shield(feed.opened)  # a caller that goes away must not fail the feed
             return feed
 
-    async def _read(self, feed: _Feed, opened: asyncio.Future) -> None:
+    async def _read(self, feed: _Feed) -> None:
+        stream = None
         try:
             stream = self.scheduler.options(stream=True).subscribe.remote(feed.id)
             await stream.__anext__()  # the acknowledgement: submit may name this feed now
-            opened.set_result(None)
+            if not feed.opened.done():  # else already retired (close())
+                feed.opened.set_result(None)
             async for batch in stream:
                 queues = feed.queues
                 for rid, message in batch.items():
@@ -110,14 +114,23 @@ class Subscription:
             error: BaseException = SubscriptionEnded("the scheduler ended its stream")
         except Exception as exc:  # noqa: BLE001 - the scheduler replica died (or never answered)
             error = exc
-        if not opened.done():
-            opened.set_exception(error)
+        finally:
+            if stream is not None:
+                stream.cancel()  # the scheduler cancels what is left of this feed's requests
         self._end(feed, error)
 
+    def close(self) -> None:
+        """The ingress replica shuts down: end the feed (the scheduler cancels its requests)."""
+        if self._feed is not None:
+            self._end(self._feed, SubscriptionEnded("the ingress replica is shutting down"))
+
     def _end(self, feed: _Feed, error: BaseException) -> None:
-        """Every request of a lost feed hears of it (and resumes on a new one)."""
+        """Retire `feed` (its reader ended, the scheduler no longer knows it, or the ingress
+        closes): every request on it hears `error`, and resumes on a new feed."""
         if self._feed is feed:
             self._feed = None
+        if not feed.opened.done():
+            feed.opened.set_exception(error)
         if feed.reader is not None and feed.reader is not asyncio.current_task():
             feed.reader.cancel()  # no-op when it has ended
         queues, feed.queues = feed.queues, {}
@@ -137,6 +150,7 @@ class SchedulerStream:
         self.generated: list[int] = []  # every token received so far
         self.request_id: str | None = None
         self.resumes = 0
+        self.resumed_after = 0  # output tokens before the last resume (part of its prompt)
         self.finished = False
         self._queue: asyncio.Queue | None = None  # this submission's messages (a new one per resume)
         self._feed: _Feed | None = None
@@ -170,12 +184,14 @@ class SchedulerStream:
                 return
 
     async def finish(self, num_tokens: int) -> None:
+        """A stop string ends the request after `num_tokens` output tokens (counted across
+        resumes; the scheduler's request holds those after the last resume)."""
         if self.request_id is None:
             return
-        self.finished = True
         try:
-            await self.subscription.scheduler.finish.remote(self.request_id, num_tokens)
-        except Exception as exc:  # noqa: BLE001 - the stream still ends; only the record is lost
+            self.finished = bool(await self.subscription.scheduler.finish.remote(
+                self.request_id, num_tokens - self.resumed_after))
+        except Exception as exc:  # noqa: BLE001 - the stream still ends; close() cancels instead
             logger.warning("could not report the stop-string finish of %s: %r", self.request_id, exc)
 
     def close(self) -> None:
@@ -195,7 +211,10 @@ class SchedulerStream:
             return {"token_ids": [], "finish_reason": "length", "logprobs": []}
         body = {**self.body, "prompt_token_ids": list(self.body["prompt_token_ids"]) + self.generated,
                 "max_tokens": remaining}
+        if self.request_id is not None:
+            self.subscription.cancel(self.request_id)  # if the scheduler lives on, it stops there
         self.request_id = None
+        self.resumed_after = len(self.generated)
         deadline = time.monotonic() + self.resume_timeout_s
         while time.monotonic() < deadline:
             try:

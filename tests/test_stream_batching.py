@@ -125,6 +125,26 @@ def test_one_subscriber_carries_many_streams_in_one_batch_per_interval():
     assert batches <= 10
 
 
+def test_a_first_token_goes_at_once_without_flushing_the_others():
+    """A new request's first token is sent at once, alone; a decoding neighbour on the same
+    subscriber keeps its interval (steady arrivals must not turn batching off)."""
+    hub = StreamHub(1.0, clock=lambda: 10.0, timer=False)
+    sub = hub.subscribe("ingress")
+    old, new = Request("old", 4, 50, 0.0), Request("new", 4, 50, 0.0)
+    for req in (old, new):
+        hub.open(req, sub)
+    old.output_token_ids.append(1)
+    hub.deliver([TokenEvent(old, 1, None)])
+    assert set(hub.take(sub, 10.0)) == {"old"}  # its first token, and the interval starts
+    old.output_token_ids.append(2)
+    new.output_token_ids.append(7)
+    hub.deliver([TokenEvent(old, 2, None), TokenEvent(new, 7, None)])
+    assert sub.due(10.1, 1.0)
+    assert hub.take(sub, 10.1) == {"new": {"token_ids": [7], "finish_reason": None, "logprobs": []}}
+    assert not sub.due(10.2, 1.0) and sub.due(11.0, 1.0)  # "old" waits for its interval
+    assert hub.take(sub, 11.0)["old"]["token_ids"] == [2]
+
+
 def test_unsubscribing_names_the_unfinished_requests():
     hub = StreamHub(0.05)
     sub = hub.subscribe("ingress")
