@@ -56,7 +56,10 @@ PROBE_REPEATS = 4
 # that the final fit covers the batch shapes the runs will see instead of extrapolating to them.
 WORKLOAD_PROBE_LOAD = 0.6
 WORKLOAD_PROBE_REQUESTS = 30
-SPEED_CHECK_REQUESTS = 40
+# The speed check (below) is off by default: on three runs with the calibration above it moved
+# the prediction's error from 6/13/5% to 23/9/3% (40 requests measure a box that drifts +-5%
+# no better than the calibration does).
+SPEED_CHECK_REQUESTS = 0
 
 # deploy(app_args) -> base URL of the running app (deploy.local.start, or a test fixture).
 Deployer = Callable[[dict], str]
@@ -440,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-repeats", type=int, default=PROBE_REPEATS,
                    help="rounds of calibration probes (more: a tighter fit, a longer calibration)")
     p.add_argument("--speed-check-requests", type=int, default=SPEED_CHECK_REQUESTS,
-                   help="requests of the workload on each run's deployment before it, to correct the "
-                        "calibration for the box's speed then (0: none)")
+                   help="requests of the workload at the run's rate on each run's deployment before "
+                        "it, to correct the calibration for the box's speed then (default 0: none)")
     p.add_argument("--calibrate-each", action="store_true",
                    help="re-fit the cost model before every rate (a shared, drifting box)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
