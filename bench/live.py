@@ -230,7 +230,7 @@ def sim_error(live: dict, sim: dict) -> float:
                relative(sim["throughput_tok_s"], live["throughput_tok_s"]))
 
 
-def speed_check(config: LiveConfig, url: str, cost: CostModel, rate: float) -> float:
+def speed_check(config: LiveConfig, url: str, cost: CostModel, rate: float) -> float | None:
     """The run's own deployment, just before the run: a slice of the workload (another seed) at
     the run's own rate, and how much slower (+) or faster (-) its steps are than the calibration
     says. The calibration ran in another deployment minutes earlier and at a lower load; on a
@@ -238,7 +238,7 @@ def speed_check(config: LiveConfig, url: str, cost: CostModel, rate: float) -> f
     at load 0.7 queueing turns a few percent of step time into two or three times as much
     latency."""
     if config.speed_check_requests <= 0:
-        return 0.0
+        return None
     probe = replace(config, seed=config.seed + 2000, num_requests=config.speed_check_requests)
     reset_steps()
     outs = loadgen.run_sync(url, arrivals_at(probe, rate), index_base=200_000)
@@ -262,8 +262,8 @@ def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: fl
     The replay checks the twin's scheduling; their gap is the box's drift."""
     arrivals = arrivals_at(config, rate)
     speed = speed_check(config, url, cost, rate)
-    _log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests; "
-                 f"speed check: steps {speed:+.1%} vs calibration")
+    check = "" if speed is None else f"; speed check: steps {speed:+.1%} vs calibration"
+    _log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests{check}")
     reset_steps()
     live = loadgen.report(loadgen.run_sync(url, arrivals, progress=config.progress))
     samples = step_samples()
@@ -271,7 +271,7 @@ def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: fl
                          name=f"{config.model}@run", mean_preserving=True)
     # The prediction: the policy plans with the calibration (as the live one does), steps take
     # the calibration's time corrected by the speed check, both known before the run starts.
-    sim = simulate(policy, arrivals, cost, clock=scaled(cost, speed) if speed else None)
+    sim = simulate(policy, arrivals, cost, clock=None if speed is None else scaled(cost, speed))
     replay = simulate(policy, arrivals, cost, clock=run_fit.model)
     run = {"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim, "replay": replay,
            "sim_error": sim_error(live, sim), "replay_error": sim_error(live, replay),
@@ -387,7 +387,7 @@ def _replay(run: dict) -> str:
 
 def _speed(run: dict) -> str:
     """The speed check before the run (results written before it existed, or none made: -)."""
-    return f"{run['speed_check']:+.1%}" if "speed_check" in run else "-"
+    return "-" if run.get("speed_check") is None else f"{run['speed_check']:+.1%}"
 
 
 def _uncertainty(run: dict) -> str:
