@@ -75,6 +75,11 @@ class SchedulerActor(SchedulerProbes):
             self._start_task = loop.create_task(self._start(), context=contextvars.Context())
 
     # -- start-up ------------------------------------------------------------------------------
+    async def _started(self) -> None:
+        """Start on the first call; return once start-up has finished (or failed for good)."""
+        self._ensure_started()
+        await self._ready.wait()
+
     async def _start(self) -> None:
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
@@ -130,8 +135,7 @@ class SchedulerActor(SchedulerProbes):
         empty acknowledgement (the subscriber exists: `submit` may name it), then batches
         {request_id: {"token_ids": [...], "finish_reason": ...}}. Closing it cancels the
         requests still running (the ingress is gone)."""
-        self._ensure_started()
-        await self._ready.wait()
+        await self._started()
         sub = self.hub.subscribe(subscriber_id)
         try:
             yield {}
@@ -143,8 +147,7 @@ class SchedulerActor(SchedulerProbes):
     async def submit(self, request: dict, subscriber_id: str) -> dict:
         """Admit one request whose messages go to `subscriber_id`'s stream: returns
         {"request_id", "prompt_tokens"} or {"error": {"status", "message", "code", ...}}."""
-        self._ensure_started()
-        await self._ready.wait()
+        await self._started()
         sub = self.hub.subscribers.get(subscriber_id)
         if sub is None:
             return {"error": {"status": 503, "code": "resubscribe",
@@ -161,8 +164,7 @@ class SchedulerActor(SchedulerProbes):
         tests; the ingress multiplexes through `subscribe`): the first item acknowledges
         admission or carries a typed error, later items {"token_ids": [...], "finish_reason": ...}.
         Closing the generator cancels the request."""
-        self._ensure_started()
-        await self._ready.wait()
+        await self._started()
         sub = self.hub.subscribe(uuid.uuid4().hex)
         try:
             first = self._admit(request, sub)
@@ -308,8 +310,7 @@ class SchedulerActor(SchedulerProbes):
 
     # -- what the ingress asks -----------------------------------------------------------------------
     async def info(self) -> dict:
-        self._ensure_started()
-        await self._ready.wait()
+        await self._started()
         if self._start_error:
             raise RuntimeError(self._start_error)
         return {**self.capacity, "model_name": self.model_name, "policy": self.core.policy.describe(),

@@ -16,8 +16,7 @@ from actors.naming import actor_name
 class SchedulerProbes:
     async def debug_state(self) -> dict:
         """Counts for tests: KV blocks in use per model actor, queue lengths."""
-        self._ensure_started()
-        await self._ready.wait()
+        await self._started()
         return {
             "used_blocks": [q.pool.num_used_blocks for q in self.core.workers],
             "requests": len(self.core.requests),
@@ -43,8 +42,7 @@ class SchedulerProbes:
         an ingress replica's requests are, but with no Serve call per request or message, so the
         dispatch path's own ceiling shows. Returns per request (sent, first token, end, tokens)
         in seconds after the start (None where it failed)."""
-        self._ensure_started()
-        await self._ready.wait()
+        await self._started()
         start = time.monotonic()
         sub = self.hub.subscribe(f"load-test-{uuid.uuid4().hex}")
         results: list[list] = [[None, None, None, 0] for _ in arrivals]  # sent, first, end, tokens
@@ -98,8 +96,7 @@ class SchedulerProbes:
         """Per model actor: busy fraction, gaps between steps; the replica's CPU time and pid
         (benchmarks read these; `reset` starts a new measurement window). `samples`: the latest
         steps' (new tokens, attended KV, period s), what a cost model is fitted to."""
-        self._ensure_started()
-        await self._ready.wait()
+        await self._started()
         out = {"actors": [d.stats.summary() for d in self.dispatchers], "pid": os.getpid(),
                "process_cpu_s": time.process_time(), "monotonic": time.monotonic()}
         if samples:

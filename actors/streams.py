@@ -86,6 +86,11 @@ class Subscriber:
         if self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(delay_s, self._ring)
 
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def _ring(self) -> None:
         self.timer = None
         self.wake()
@@ -112,8 +117,8 @@ class StreamHub:
     def unsubscribe(self, sub: Subscriber) -> list[str]:
         """Close `sub`; returns the ids of its unfinished requests (the caller cancels them)."""
         sub.closed = True
-        if sub.timer is not None:
-            sub.timer.cancel()
+        sub.disarm()
+        sub.wake()  # a generator still waiting ends
         self.subscribers.pop(sub.id, None)
         for rid in sub.streams:
             self.streams.pop(rid, None)
@@ -202,8 +207,7 @@ class StreamHub:
                 continue
             batch[rid] = message
             if stream.done:
-                sub.streams.pop(rid, None)
-                self.streams.pop(rid, None)
+                self.close(rid)  # `streams` is detached from sub.dirty / sub.urgent by now
         return batch
 
     async def messages(self, sub: Subscriber) -> AsyncIterator[dict[str, dict]]:
@@ -223,6 +227,4 @@ class StreamHub:
                 await sub.waiter
             finally:
                 sub.waiter = None
-                if sub.timer is not None:
-                    sub.timer.cancel()
-                    sub.timer = None
+                sub.disarm()

@@ -98,12 +98,17 @@ def model_slug(model: str) -> str:
     return model.replace(":", "-").replace("/", "_")
 
 
-def _probe(url: str, batch: int, prompt: int, output: int, index: int) -> None:
-    """`batch` identical requests at once: they prefill together, then decode in lockstep."""
-    outs = loadgen.run_sync(url, [Arrival(0.0, prompt, output)] * batch, index_base=index)
+def _play(url: str, arrivals: list[Arrival], index: int, what: str) -> None:
+    """Send `arrivals` (probes: every one must succeed, or the fit would be of something else)."""
+    outs = loadgen.run_sync(url, arrivals, index_base=index)
     bad = [o.error for o in outs if not o.ok]
     if bad:
-        raise RuntimeError(f"calibration request failed: {bad[0]}")
+        raise RuntimeError(f"{what} request failed: {bad[0]}")
+
+
+def _probe(url: str, batch: int, prompt: int, output: int, index: int) -> None:
+    """`batch` identical requests at once: they prefill together, then decode in lockstep."""
+    _play(url, [Arrival(0.0, prompt, output)] * batch, index, "calibration")
 
 
 def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
@@ -129,9 +134,7 @@ def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
     first = robust_fit(step_samples(), **model_kw)
     probe = replace(config, seed=config.seed + 1000, num_requests=WORKLOAD_PROBE_REQUESTS)
     rate = WORKLOAD_PROBE_LOAD / load_per_rate(arrivals_at(probe, 1.0), first.model)
-    outs = loadgen.run_sync(url, arrivals_at(probe, rate), index_base=index + 1)
-    if any(not o.ok for o in outs):
-        raise RuntimeError(f"calibration request failed: {next(o.error for o in outs if not o.ok)}")
+    _play(url, arrivals_at(probe, rate), index + 1, "calibration")
     samples = step_samples()
     config.out_dir.mkdir(parents=True, exist_ok=True)
     (config.out_dir / f"cost-{model_slug(config.model)}-live-samples.json").write_text(json.dumps(samples) + "\n")
@@ -212,12 +215,12 @@ def reset_steps() -> None:
     _scheduler().dispatch_stats.remote(reset=True).result()
 
 
-def drift(samples: list[tuple[int, int, float]], calibrated: CostModel, actual: CostModel) -> float:
-    """How much slower (+) or faster (-) the run's steps were than the calibration predicted them:
-    the box's speed change between calibration and run (its neighbours' load), which no
-    calibration taken before the run can know."""
+def slowdown(samples: list[tuple[int, int, float]], calibrated: CostModel) -> float:
+    """How much slower (+) or faster (-) these steps were than the calibration predicted them:
+    for a run, the box's speed change between calibration and run (its neighbours' load), which
+    no calibration taken before the run can know."""
     predicted = sum(calibrated.iteration_time(n, kv) for n, kv, _ in samples)
-    return sum(actual.iteration_time(n, kv) for n, kv, _ in samples) / predicted - 1 if predicted else 0.0
+    return sum(period for _, _, period in samples) / predicted - 1 if predicted else 0.0
 
 
 def relative(sim: float, live: float) -> float:
@@ -241,12 +244,8 @@ def speed_check(config: LiveConfig, url: str, cost: CostModel, rate: float) -> f
         return None
     probe = replace(config, seed=config.seed + 2000, num_requests=config.speed_check_requests)
     reset_steps()
-    outs = loadgen.run_sync(url, arrivals_at(probe, rate), index_base=200_000)
-    if any(not o.ok for o in outs):
-        raise RuntimeError(f"speed-check request failed: {next(o.error for o in outs if not o.ok)}")
-    samples = step_samples()
-    predicted = sum(cost.iteration_time(n, kv) for n, kv, _ in samples)
-    return sum(period for _, _, period in samples) / predicted - 1 if predicted else 0.0
+    _play(url, arrivals_at(probe, rate), 200_000, "speed-check")
+    return slowdown(step_samples(), cost)
 
 
 def scaled(cost: CostModel, speed: float) -> CostModel:
@@ -275,7 +274,7 @@ def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: fl
     replay = simulate(policy, arrivals, cost, clock=run_fit.model)
     run = {"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim, "replay": replay,
            "sim_error": sim_error(live, sim), "replay_error": sim_error(live, replay),
-           "speed_check": speed, "drift": drift(samples, cost, run_fit.model),
+           "speed_check": speed, "drift": slowdown(samples, cost),
            "host_load_avg": os.getloadavg()[0], "cost": asdict(cost), "run_cost": asdict(run_fit.model)}
     _log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
                  f"sim mean {sim['latency_mean_s']:.2f}s {sim['throughput_tok_s']:.1f} tok/s | "

@@ -149,7 +149,6 @@ class SchedulerStream:
         self.resume_timeout_s = resume_timeout_s
         self.generated: list[int] = []  # every token received so far
         self.request_id: str | None = None
-        self.resumes = 0
         self.resumed_after = 0  # output tokens before the last resume (part of its prompt)
         self.finished = False
         self._queue: asyncio.Queue | None = None  # this submission's messages (a new one per resume)
@@ -228,7 +227,6 @@ class SchedulerStream:
                 continue
             if "error" in first:
                 raise SchedulerLost(first["error"]["message"])
-            self.resumes += 1
             return None
         raise SchedulerLost(f"the scheduler restarted and did not take the request back within "
                             f"{self.resume_timeout_s:.0f} s")
