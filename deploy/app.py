@@ -34,6 +34,11 @@ class AppArgs(EngineArgs):
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.1
     scheduler_num_cpus: float = 0.1
+    # How long a replaced scheduler replica (a redeploy) keeps serving its streams before Serve
+    # stops it; the ingress then resumes them on the new replica from their tokens so far. Each
+    # ingress keeps one subscription open, so the old replica never drains by itself, and until
+    # it stops it holds its model actors' GPUs, which the new replica's actors are waiting for.
+    scheduler_graceful_shutdown_s: float = 5.0
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> AppArgs:
@@ -54,6 +59,8 @@ class AppArgs(EngineArgs):
             raise ValueError(f"max_queue_wait_s must be >= 0 (0: no bound), got {out.max_queue_wait_s}")
         if out.max_queued_tokens < 0:
             raise ValueError(f"max_queued_tokens must be >= 0 (0: no bound), got {out.max_queued_tokens}")
+        if not out.scheduler_graceful_shutdown_s >= 0:
+            raise ValueError(f"scheduler_graceful_shutdown_s must be >= 0, got {out.scheduler_graceful_shutdown_s}")
         if not out.metrics_refresh_s >= 0:
             raise ValueError(f"metrics_refresh_s must be >= 0, got {out.metrics_refresh_s}")
         if is_sim_model(out.model):
@@ -78,6 +85,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         max_ongoing_requests=SCHEDULER_MAX_ONGOING,
         ray_actor_options={"num_cpus": a.scheduler_num_cpus},
         health_check_period_s=5,
+        graceful_shutdown_timeout_s=a.scheduler_graceful_shutdown_s,
     ).bind(a.engine_args())
     ingress = serve.deployment(
         Ingress,

@@ -32,6 +32,9 @@ from typing import Any
 logger = logging.getLogger("fluidserve.ingress")
 RESUME_TIMEOUT_S = 600.0  # a new scheduler replica starts its model actors (loading weights)
 RESUME_BACKOFF_S = 0.5
+# Submits that may each find the scheduler restarted since the feed opened (a restart loop, or a
+# redeploy racing a restart): each one opens a fresh feed.
+RESUBSCRIBE_ATTEMPTS = 3
 
 
 class SchedulerLost(Exception):
@@ -65,10 +68,13 @@ class Subscription:
     async def submit(self, body: dict) -> tuple[dict, _Feed, asyncio.Queue]:
         """Admit `body` (which names its request_id): the scheduler's first message, the feed and
         the queue its messages will arrive on. Raises when the scheduler cannot be reached."""
-        first, feed, queue = await self._submit_once(body)
-        if first.get("error", {}).get("code") == "resubscribe":  # the scheduler restarted
-            self._end(feed, SubscriptionEnded("the scheduler restarted"))
+        for _ in range(RESUBSCRIBE_ATTEMPTS):
             first, feed, queue = await self._submit_once(body)
+            if first.get("error", {}).get("code") != "resubscribe":
+                break
+            # The scheduler restarted and no longer knows this feed: its other requests resume
+            # on a new one, as this one does.
+            self._end(feed, SubscriptionEnded("the scheduler restarted"))
         return first, feed, queue
 
     async def _submit_once(self, body: dict) -> tuple[dict, _Feed, asyncio.Queue]:
@@ -153,6 +159,15 @@ class SchedulerStream:
         self.finished = False
         self._queue: asyncio.Queue | None = None  # this submission's messages (a new one per resume)
         self._feed: _Feed | None = None
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    def __del__(self) -> None:
+        # A response generator dropped before its first step (the client left while the
+        # response was being set up) never runs its `finally`: without this its request would
+        # run on to max_tokens. GC may run on any thread, so close() goes to the loop.
+        if not self._closed and self.request_id is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.close)
 
     async def open(self) -> dict:
         """Submit; returns the scheduler's first message (raises if it cannot be reached)."""
@@ -194,6 +209,7 @@ class SchedulerStream:
             logger.warning("could not report the stop-string finish of %s: %r", self.request_id, exc)
 
     def close(self) -> None:
+        self._closed = True
         if self._feed is not None and self.request_id is not None:
             self._feed.queues.pop(self.request_id, None)
             if not self.finished:

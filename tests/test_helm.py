@@ -40,6 +40,7 @@ ARGS_KEYS = {
     "max_queue_wait_s",
     "max_queued_tokens",
     "stream_interval_s",
+    "scheduler_graceful_shutdown_s",
     "dtype",
     "api_key_env",
     "ingress_replicas",

@@ -59,3 +59,21 @@ def test_two_apps_side_by_side_never_touch_each_others_actors(app):
     ok = post(app, "/completions", {"prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert ok.status_code == 200, ok.text
     assert app.debug_state()["actor_names"] == names
+
+
+def test_scheduler_redeploy_moves_streams_to_the_new_replica(deploy_app):
+    """A config change that touches only the scheduler (here its stream interval) replaces the
+    scheduler replica while streams run. Each ingress keeps its subscription open, so the old
+    replica never drains by itself: after `scheduler_graceful_shutdown_s` Serve stops it, and the
+    streams resume on the new replica (whose model actors could only start once the old ones,
+    holding this cluster's CPUs as they would hold GPUs, were gone), with the same text."""
+    app = deploy_app(**KILL_APP)
+    app.wait_idle()
+    old_actors = app.debug_state()["actor_names"]
+    prompts = ["Once upon a time", "The three primary colors are"]
+    bodies = [{"prompt": p, "max_tokens": 120, "temperature": 0, "ignore_eos": True} for p in prompts]
+    expected = [post(app, "/completions", b).json()["choices"][0]["text"] for b in bodies]
+    outs, threads = start_streams(app, bodies)
+    new = deploy_app(**KILL_APP, stream_interval_s=0.04, scheduler_graceful_shutdown_s=2.0)
+    check_streams(outs, threads, expected, 120)
+    assert not set(new.debug_state()["actor_names"]) & set(old_actors)  # a new scheduler served them

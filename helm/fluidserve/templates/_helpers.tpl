@@ -63,6 +63,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "max_queue_wait_s" (float64 $v.scheduler.maxQueueWaitS)
   "max_queued_tokens" (int $v.scheduler.maxQueuedTokens)
   "stream_interval_s" (float64 $v.scheduler.streamIntervalS)
+  "scheduler_graceful_shutdown_s" (float64 $v.scheduler.gracefulShutdownS)
   "dtype" $v.model.dtype
   "api_key_env" "FLUIDSERVE_API_KEY"
   "ingress_replicas" (int $v.ingress.replicas)
