@@ -24,15 +24,18 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 
 from actors.calibrate import RobustFit, robust_fit
 from bench import serve as loadgen
 from bench.cli_lists import choices, positive
+from bench.live_report import markdown, write_results
 from scheduler import fluid
 from scheduler.cost import CostModel
 from scheduler.experiment import build_workload, run_policy
@@ -111,7 +114,17 @@ def _probe(url: str, batch: int, prompt: int, output: int, index: int) -> None:
     _play(url, [Arrival(0.0, prompt, output)] * batch, index, "calibration")
 
 
-def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
+@dataclass
+class Calibration:
+    fit: RobustFit
+    # Standard deviation of the box's speed between the calibration's probe rounds (each
+    # round's steps against the fit): how much it moves over a minute, which no fit taken
+    # before a run can know, and which sets the prediction's range (the bootstrap's +-0.5%
+    # says only how well the samples pin the fit).
+    speed_spread: float
+
+
+def calibrate_live(url: str, config: LiveConfig) -> Calibration:
     """Fit the cost model to the live system's own iterations: probes (lone prefills, lockstep
     decode batches of two contexts, then a slice of the benchmark's workload) sent through the
     API while the scheduler records every step's new tokens, attended KV and period on its
@@ -124,6 +137,7 @@ def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
                 "name": f"{config.model}@live"}
     reset_steps()
     index = 100_000
+    rounds = [0]  # where each probe round's samples start
     for _ in range(config.calibration_repeats):
         for prompt in sorted({min(p, config.max_prompt) for p in PREFILL_PROBES}):
             index += 1
@@ -131,6 +145,7 @@ def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
         for batch, prompt in DECODE_PROBES:
             index += batch
             _probe(url, batch, min(prompt, config.max_prompt), PROBE_OUTPUT, index)
+        rounds.append(len(step_samples()))
     first = robust_fit(step_samples(), **model_kw)
     probe = replace(config, seed=config.seed + 1000, num_requests=WORKLOAD_PROBE_REQUESTS)
     rate = WORKLOAD_PROBE_LOAD / load_per_rate(arrivals_at(probe, 1.0), first.model)
@@ -143,8 +158,16 @@ def calibrate_live(url: str, config: LiveConfig) -> RobustFit:
     # and a simulator's mean latency depends on the mean step (typical-step fits predicted
     # 12/5/16% off on three quiet runs, mean-preserving ones 9/10/14% on the same samples).
     fitted = robust_fit(samples, mean_preserving=True, **model_kw)
-    _log(config, f"live calibration of {config.model}: {fitted.describe()}; KV {cap['kv_capacity_tokens']} tokens")
-    return fitted
+    spread = speed_spread([samples[a:b] for a, b in pairwise(rounds)], fitted.model)
+    _log(config, f"live calibration of {config.model}: {fitted.describe()}; the box's speed moved "
+                 f"±{spread:.1%} between probe rounds; KV {cap['kv_capacity_tokens']} tokens")
+    return Calibration(fitted, spread)
+
+
+def speed_spread(rounds: list[list[tuple[int, int, float]]], cost: CostModel) -> float:
+    """Sample standard deviation of the rounds' slowdowns against `cost` (0 with < 2 rounds)."""
+    slow = [slowdown(r, cost) for r in rounds if r]
+    return statistics.stdev(slow) if len(slow) > 1 else 0.0
 
 
 def live_capacity() -> dict:
@@ -254,7 +277,8 @@ def scaled(cost: CostModel, speed: float) -> CostModel:
     return replace(cost, d0=cost.d0 * f, d_tok=cost.d_tok * f, d_kv=cost.d_kv * f)
 
 
-def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: float, load: float) -> dict:
+def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: float, load: float,
+            spread: float = 0.0) -> dict:
     """One policy at one rate: the load generator against the app, and the simulator twice:
     with the calibrated cost model (the prediction), and replayed with a cost model fitted to
     the run's own steps (the policy still plans with the calibrated one, as the live one did).
@@ -270,15 +294,22 @@ def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: fl
                          name=f"{config.model}@run", mean_preserving=True)
     # The prediction: the policy plans with the calibration (as the live one does), steps take
     # the calibration's time corrected by the speed check, both known before the run starts.
-    sim = simulate(policy, arrivals, cost, clock=None if speed is None else scaled(cost, speed))
+    clock = cost if speed is None else scaled(cost, speed)
+    sim = simulate(policy, arrivals, cost, clock=clock)
+    # The range: the same, with the box 2 standard deviations of its measured speed moves
+    # faster and slower (queueing amplifies a few percent of step time at high load).
+    low, high = (simulate(policy, arrivals, cost, clock=scaled(clock, f * 2 * spread))["latency_mean_s"]
+                 for f in (-1, 1))
     replay = simulate(policy, arrivals, cost, clock=run_fit.model)
     run = {"policy": policy, "rate": rate, "load": load, "live": live, "sim": sim, "replay": replay,
            "sim_error": sim_error(live, sim), "replay_error": sim_error(live, replay),
+           "predicted_range_s": [low, high],
+           "in_range": low <= live["latency_mean_s"] <= high,
            "speed_check": speed, "drift": slowdown(samples, cost),
            "host_load_avg": os.getloadavg()[0], "cost": asdict(cost), "run_cost": asdict(run_fit.model)}
     _log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
                  f"sim mean {sim['latency_mean_s']:.2f}s {sim['throughput_tok_s']:.1f} tok/s | "
-                 f"error {run['sim_error']:.0%} | steps {run['drift']:+.0%} vs calibration | "
+                 f"error {run['sim_error']:.0%} (range {low:.2f}-{high:.2f}s) | steps {run['drift']:+.0%} vs calibration | "
                  f"replay mean {replay['latency_mean_s']:.2f}s error {run['replay_error']:.0%}")
     return run
 
@@ -309,14 +340,14 @@ def run(config: LiveConfig, deploy: Deployer | None = None) -> dict:
     cost = CostModel.load(config.cost_file) if config.cost_file else None
     if cost is not None:
         cost.save(cost_file)
-    fits: list[RobustFit] = []
+    fits: list[Calibration] = []
 
     def calibrate() -> CostModel:
         # Under a work-conserving policy: a calibration must not see a threshold policy idle.
-        fitted = calibrate_live(deploy(app_args(config, "vllm", None)), config)
-        fitted.model.save(cost_file)
-        fits.append(fitted)
-        return fitted.model
+        calibration = calibrate_live(deploy(app_args(config, "vllm", None)), config)
+        calibration.fit.model.save(cost_file)
+        fits.append(calibration)
+        return calibration.fit.model
 
     cost = cost or calibrate()
     plan = rate_plan(config, cost)  # from the first calibration: every policy, the same arrivals
@@ -327,96 +358,23 @@ def run(config: LiveConfig, deploy: Deployer | None = None) -> dict:
         # The policies side by side at each rate: this box's speed drifts over minutes, and
         # the comparison must not depend on which policy ran when.
         for policy in config.policies:
-            run = run_one(config, policy, deploy(app_args(config, policy, cost_file)), cost, rate, load)
+            spread = fits[-1].speed_spread if fits else 0.0
+            run = run_one(config, policy, deploy(app_args(config, policy, cost_file)), cost, rate, load, spread)
             if fits:
                 run["calibration"] = calibration_report(fits[-1])
             runs.append(run)
     runs.sort(key=lambda r: (config.policies.index(r["policy"]), r["rate"]))
-    return {"model": config.model, "cost": asdict(cost), "cost_r2": fits[-1].r2 if fits else None,
+    return {"model": config.model, "cost": asdict(cost), "cost_r2": fits[-1].fit.r2 if fits else None,
             "calibration": calibration_report(fits[-1]) if fits else None, "cost_file": str(cost_file),
             "num_requests": config.num_requests, "max_prompt": config.max_prompt,
             "max_output": config.max_output, "runs": runs}
 
 
-def calibration_report(fitted: RobustFit) -> dict:
+def calibration_report(calibration: Calibration) -> dict:
+    fitted = calibration.fit
     return {"r2": fitted.r2, "steps": fitted.num_samples, "outliers": fitted.num_outliers,
-            "std": fitted.std, "rel_uncertainty": fitted.rel_uncertainty}
-
-
-# --- outputs -------------------------------------------------------------------------------------
-
-
-def write_results(out: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "live.json").write_text(json.dumps(out, indent=1) + "\n")
-    (out_dir / "live.md").write_text(markdown(out))
-    plot(out["runs"], out_dir / "live_latency.png")
-
-
-def markdown(out: dict) -> str:
-    c = out["cost"]
-    lines = [
-        (f"Live vs simulated, model `{out['model']}`, {out['num_requests']} requests per run, "
-         f"prompts <= {out['max_prompt']}, outputs <= {out['max_output']} tokens; last fitted cost model "
-         f"d0={c['d0'] * 1e3:.1f} ms d_tok={c['d_tok'] * 1e6:.0f} us d_kv={c['d_kv'] * 1e9:.0f} ns, "
-         f"KV {c['kv_capacity_tokens']} tokens (each row's own d0 in the table)."),
-        "",
-        ("| policy | rate (req/s) | load | live mean (s) | sim mean (s) | live p90 (s) | sim p90 (s) "
-         "| live TTFT (s) | sim TTFT (s) | live tok/s | sim tok/s | done | sim d0 (ms) | cost model ± "
-         "| speed check | sim error | steps vs calibration | replay mean (s) | replay error |"),
-        ("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-         "| ---: | ---: | ---: | ---: |"),
-    ]
-    for r in out["runs"]:
-        lv, sm = r["live"], r["sim"]
-        lines.append(
-            f"| {r['policy']} | {r['rate']:.3g} | {r['load']:.2f} | {lv['latency_mean_s']:.2f} | "
-            f"{sm['latency_mean_s']:.2f} | {lv['latency_p90_s']:.2f} | {sm['latency_p90_s']:.2f} | "
-            f"{lv['ttft_mean_s']:.2f} | {sm['ttft_mean_s']:.2f} | {lv['throughput_tok_s']:.1f} | "
-            f"{sm['throughput_tok_s']:.1f} | {lv['completed']}/{lv['submitted']} | "
-            f"{r['cost']['d0'] * 1e3:.0f} | {_uncertainty(r)} | {_speed(r)} | {r['sim_error']:.0%} | {_replay(r)}")
-    return "\n".join(lines) + "\n"
-
-
-def _replay(run: dict) -> str:
-    if "replay" not in run:  # results written before the replay existed
-        return "- | - | - |"
-    return f"{run['drift']:+.0%} | {run['replay']['latency_mean_s']:.2f} | {run['replay_error']:.0%} |"
-
-
-def _speed(run: dict) -> str:
-    """The speed check before the run (results written before it existed, or none made: -)."""
-    return "-" if run.get("speed_check") is None else f"{run['speed_check']:+.1%}"
-
-
-def _uncertainty(run: dict) -> str:
-    """The calibration's bootstrap uncertainty on the average step (a cost file given: -)."""
-    cal = run.get("calibration")
-    return f"{cal['rel_uncertainty']:.1%}" if cal else "-"
-
-
-def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for i, policy in enumerate(dict.fromkeys(r["policy"] for r in runs)):
-        mine = sorted((r for r in runs if r["policy"] == policy), key=lambda r: r["rate"])
-        rates = [r["rate"] for r in mine]
-        color = f"C{i}"
-        for ax, key, label in ((axes[0], "latency_mean_s", "mean latency (s)"),
-                               (axes[1], "ttft_mean_s", "mean TTFT (s)")):
-            ax.plot(rates, [r["live"][key] for r in mine], "o-", color=color, label=f"{policy} live")
-            ax.plot(rates, [r["sim"][key] for r in mine], "x--", color=color, label=f"{policy} sim")
-            ax.set_xlabel("arrival rate (req/s)")
-            ax.set_ylabel(label)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("fluidserve: live engine vs simulator (same arrivals)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            "std": fitted.std, "rel_uncertainty": fitted.rel_uncertainty,
+            "speed_spread": calibration.speed_spread}
 
 
 # --- CLI -----------------------------------------------------------------------------------------

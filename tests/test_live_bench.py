@@ -71,6 +71,10 @@ def test_bench_live_one_policy_one_rate(deploy_app, tmp_path):
     assert out["cost"]["kv_capacity_tokens"] > 0 and out["cost"]["d0"] > 0
     cal = out["calibration"]  # fitted to the scheduler's own steps, with its uncertainty
     assert cal["steps"] >= 20 and 0 <= cal["rel_uncertainty"] < 1 and set(cal["std"]) == {"d0", "d_tok", "d_kv"}
+    # The prediction's range: the box's speed moving 2 standard deviations between probe rounds.
+    low, high = run["predicted_range_s"]
+    assert cal["speed_spread"] >= 0 and low <= run["sim"]["latency_mean_s"] <= high
+    assert run["in_range"] == (low <= run["live"]["latency_mean_s"] <= high)
     for name in ("live.json", "live.md", "live_latency.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "live.json").read_text())["runs"][0]["policy"] == "vllm"
