@@ -54,6 +54,8 @@ def _range(run: dict) -> str:
     if "predicted_range_s" not in run:  # results written before the range existed
         return "-"
     low, high = run["predicted_range_s"]
+    if low == high:  # no calibration measured the box's speed (a cost file was given)
+        return "-"
     text = f"{low:.2f}-{high:.2f}"
     return f"**{text}**" if run["in_range"] else text
 
