@@ -17,6 +17,9 @@ in the rate, so the rate is x / (load at 1 request/s). At every rate one `Arriva
 seed) goes both to the load generator and to the simulator, which runs the same policy with the
 same cost model (also given to the live app's policy) and the live KV capacity, and without a
 workload hint (the live scheduler has none either).
+
+The parts: bench.live_config (what to run, the arrivals of a rate), bench.live_calibration (the
+live cost fit), bench.live_report (live.json, live.md, the plot); this module runs them.
 """
 from __future__ import annotations
 
@@ -24,172 +27,49 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from itertools import pairwise
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from actors.calibrate import RobustFit, robust_fit
+from actors.calibrate import robust_fit
 from bench import serve as loadgen
 from bench.cli_lists import choices, positive
+from bench.live_calibration import (
+    Calibration,
+    calibrate_live,
+    calibration_report,
+    play,
+    reset_steps,
+    slowdown,
+    step_samples,
+)
+from bench.live_config import (
+    PROBE_REPEATS,
+    RESULTS_DIR,
+    SPEED_CHECK_REQUESTS,
+    LiveConfig,
+    arrivals_at,
+    load_per_rate,
+    log,
+    model_slug,
+)
 from bench.live_report import markdown, write_results
-from scheduler import fluid
 from scheduler.cost import CostModel
-from scheduler.experiment import build_workload, run_policy
+from scheduler.experiment import run_policy
 from scheduler.policies import POLICY_NAMES, WorkloadHint
 from scheduler.simulate import LATENCY_KEYS
 from scheduler.workload import DEFAULT_TRACE, Arrival
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 THRESHOLD_POLICIES = ("nested-wait", "wait")
 COMPARED_KEYS = ("throughput_tok_s", *LATENCY_KEYS, "completed", "submitted")
-# Live calibration probes: lone prefills of these prompt lengths, lockstep decode batches of these
-# (size, prompt length) with PROBE_OUTPUT tokens each, PROBE_REPEATS times each. Two contexts, so
-# that d_kv is not confounded with the per-request cost of a decode (streaming its token), and a
-# batch as large and long as a loaded run's (32 x ~240 attended tokens): fitted on small contexts
-# only, d_kv swung 0.6-5.4 us between calibrations, and a loaded run attends thousands of tokens.
-PREFILL_PROBES = (16, 64, 256)
-DECODE_PROBES = ((1, 32), (8, 32), (32, 32), (8, 160), (32, 224))
-PROBE_OUTPUT = 16
-PROBE_REPEATS = 4
-# Then requests of the benchmark's own workload (another seed) at this load of the first fit, so
-# that the final fit covers the batch shapes the runs will see instead of extrapolating to them.
-WORKLOAD_PROBE_LOAD = 0.6
-WORKLOAD_PROBE_REQUESTS = 30
-# The speed check (below) is off by default: on three runs with the calibration above it moved
-# the prediction's error from 6/13/5% to 23/9/3% (40 requests measure a box that drifts +-5%
-# no better than the calibration does).
-SPEED_CHECK_REQUESTS = 0
 
 # deploy(app_args) -> base URL of the running app (deploy.local.start, or a test fixture).
 Deployer = Callable[[dict], str]
 
 
-@dataclass
-class LiveConfig:
-    policies: list[str]
-    rates: list[float] = field(default_factory=list)
-    loads: list[float] = field(default_factory=list)
-    trace: str | None = None
-    types: str | None = None
-    num_requests: int = 40
-    seed: int = 0
-    model: str = "default"
-    max_prompt: int = loadgen.DEFAULT_MAX_PROMPT
-    max_output: int = loadgen.DEFAULT_MAX_OUTPUT
-    kv_cache_tokens: int = 16384
-    cost_file: str | None = None  # a live calibration to reuse (default: calibrate now)
-    # Re-fit before every rate: on a shared box the speed drifts (the loads stay the first
-    # calibration's, so all policies see the same arrivals; the policies of one rate share a fit).
-    calibrate_each: bool = False
-    calibration_repeats: int = PROBE_REPEATS
-    # Before each run, this many requests of the workload at the run's rate on the run's own
-    # deployment measure its speed against the calibration (0: none: the calibration as it is).
-    speed_check_requests: int = SPEED_CHECK_REQUESTS
-    out_dir: Path = RESULTS_DIR
-    port: int = 8000
-    progress: bool = True
-
-
-# --- calibration ---------------------------------------------------------------------------------
-
-
-def model_slug(model: str) -> str:
-    return model.replace(":", "-").replace("/", "_")
-
-
-def _play(url: str, arrivals: list[Arrival], index: int, what: str) -> None:
-    """Send `arrivals` (probes: every one must succeed, or the fit would be of something else)."""
-    outs = loadgen.run_sync(url, arrivals, index_base=index)
-    bad = [o.error for o in outs if not o.ok]
-    if bad:
-        raise RuntimeError(f"{what} request failed: {bad[0]}")
-
-
-def _probe(url: str, batch: int, prompt: int, output: int, index: int) -> None:
-    """`batch` identical requests at once: they prefill together, then decode in lockstep."""
-    _play(url, [Arrival(0.0, prompt, output)] * batch, index, "calibration")
-
-
-@dataclass
-class Calibration:
-    fit: RobustFit
-    # Standard deviation of the box's speed between the calibration's probe rounds (each
-    # round's steps against the fit): how much it moves over a minute, which no fit taken
-    # before a run can know, and which sets the prediction's range (the bootstrap's +-0.5%
-    # says only how well the samples pin the fit).
-    speed_spread: float
-
-
-def calibrate_live(url: str, config: LiveConfig) -> Calibration:
-    """Fit the cost model to the live system's own iterations: probes (lone prefills, lockstep
-    decode batches of two contexts, then a slice of the benchmark's workload) sent through the
-    API while the scheduler records every step's new tokens, attended KV and period on its
-    model actor (the step's time plus the gap before it when the next step was already queued:
-    what an iteration costs a request). The fit drops outliers from the slopes, charges their
-    average excess to d0 (the mean step is what queueing sees) and reports its own uncertainty;
-    the samples are saved beside the cost file."""
-    cap = live_capacity()
-    model_kw = {"kv_capacity_tokens": cap["kv_capacity_tokens"], "block_size": cap["block_size"],
-                "name": f"{config.model}@live"}
-    reset_steps()
-    index = 100_000
-    rounds = [0]  # where each probe round's samples start
-    for _ in range(config.calibration_repeats):
-        for prompt in sorted({min(p, config.max_prompt) for p in PREFILL_PROBES}):
-            index += 1
-            _probe(url, 1, prompt, 2, index)
-        for batch, prompt in DECODE_PROBES:
-            index += batch
-            _probe(url, batch, min(prompt, config.max_prompt), PROBE_OUTPUT, index)
-        rounds.append(len(step_samples()))
-    first = robust_fit(step_samples(), **model_kw)
-    probe = replace(config, seed=config.seed + 1000, num_requests=WORKLOAD_PROBE_REQUESTS)
-    rate = WORKLOAD_PROBE_LOAD / load_per_rate(arrivals_at(probe, 1.0), first.model)
-    _play(url, arrivals_at(probe, rate), index + 1, "calibration")
-    samples = step_samples()
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    (config.out_dir / f"cost-{model_slug(config.model)}-live-samples.json").write_text(json.dumps(samples) + "\n")
-    # Mean-preserving: the outliers' excess stays in d0. On a box of its own they are the
-    # serving stack's own hiccups (GC, Ray's heartbeats, the client), which the run will see too,
-    # and a simulator's mean latency depends on the mean step (typical-step fits predicted
-    # 12/5/16% off on three quiet runs, mean-preserving ones 9/10/14% on the same samples).
-    fitted = robust_fit(samples, mean_preserving=True, **model_kw)
-    spread = speed_spread([samples[a:b] for a, b in pairwise(rounds)], fitted.model)
-    _log(config, f"live calibration of {config.model}: {fitted.describe()}; the box's speed moved "
-                 f"±{spread:.1%} between probe rounds; KV {cap['kv_capacity_tokens']} tokens")
-    return Calibration(fitted, spread)
-
-
-def speed_spread(rounds: list[list[tuple[int, int, float]]], cost: CostModel) -> float:
-    """Sample standard deviation of the rounds' slowdowns against `cost` (0 with < 2 rounds)."""
-    slow = [slowdown(r, cost) for r in rounds if r]
-    return statistics.stdev(slow) if len(slow) > 1 else 0.0
-
-
-def live_capacity() -> dict:
-    """The running app's model actor capacity (KV tokens, block size), via its Serve handle."""
-    return _scheduler().info.remote().result()
-
-
-# --- workload and loads --------------------------------------------------------------------------
-
-
-def arrivals_at(config: LiveConfig, rate: float) -> list[Arrival]:
-    """The one arrival list of a rate, for the load generator and the simulator alike."""
-    trace = None if config.types else (config.trace or str(DEFAULT_TRACE))
-    arrivals = build_workload(config.types, trace, rate, config.num_requests, config.seed)
-    return loadgen.clip(arrivals, config.max_prompt, config.max_output)
-
-
-def load_per_rate(arrivals: list[Arrival], cost: CostModel) -> float:
-    """The fluid load of 1 request/s with these requests' lengths (load is linear in the rate)."""
-    prompt = sum(a.prompt_len for a in arrivals) / len(arrivals)
-    types = fluid.types_from_sample([a.output_len for a in arrivals], 1.0, prompt)
-    return fluid.solve(types, cost).load
+# --- loads ---------------------------------------------------------------------------------------
 
 
 def rate_plan(config: LiveConfig, cost: CostModel) -> list[tuple[float, float]]:
@@ -222,30 +102,6 @@ def simulate(policy: str, arrivals: list[Arrival], cost: CostModel, clock: CostM
     return {k: out[k] for k in (*COMPARED_KEYS, "evictions", "guard_fires")}
 
 
-def _scheduler():
-    from ray import serve
-
-    return serve.get_deployment_handle("Scheduler", app_name="fluidserve")
-
-
-def step_samples() -> list[tuple[int, int, float]]:
-    """The live scheduler's record of its model actor's steps: (new tokens, attended KV, period)."""
-    return _scheduler().dispatch_stats.remote(samples=True).result()["samples"]
-
-
-def reset_steps() -> None:
-    """Start a new record of steps (only the reset: the old samples are not fetched)."""
-    _scheduler().dispatch_stats.remote(reset=True).result()
-
-
-def slowdown(samples: list[tuple[int, int, float]], calibrated: CostModel) -> float:
-    """How much slower (+) or faster (-) these steps were than the calibration predicted them:
-    for a run, the box's speed change between calibration and run (its neighbours' load), which
-    no calibration taken before the run can know."""
-    predicted = sum(calibrated.iteration_time(n, kv) for n, kv, _ in samples)
-    return sum(period for _, _, period in samples) / predicted - 1 if predicted else 0.0
-
-
 def relative(sim: float, live: float) -> float:
     return abs(sim - live) / live if live > 0 and math.isfinite(live) else math.inf
 
@@ -267,7 +123,7 @@ def speed_check(config: LiveConfig, url: str, cost: CostModel, rate: float) -> f
         return None
     probe = replace(config, seed=config.seed + 2000, num_requests=config.speed_check_requests)
     reset_steps()
-    _play(url, arrivals_at(probe, rate), 200_000, "speed-check")
+    play(url, arrivals_at(probe, rate), 200_000, "speed-check")
     return slowdown(step_samples(), cost)
 
 
@@ -286,7 +142,7 @@ def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: fl
     arrivals = arrivals_at(config, rate)
     speed = speed_check(config, url, cost, rate)
     check = "" if speed is None else f"; speed check: steps {speed:+.1%} vs calibration"
-    _log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests{check}")
+    log(config, f"{policy}: rate {rate:.3g} req/s (load {load:.2f}), {len(arrivals)} requests{check}")
     reset_steps()
     live = loadgen.report(loadgen.run_sync(url, arrivals, progress=config.progress))
     samples = step_samples()
@@ -307,7 +163,7 @@ def run_one(config: LiveConfig, policy: str, url: str, cost: CostModel, rate: fl
            "in_range": low <= live["latency_mean_s"] <= high,
            "speed_check": speed, "drift": slowdown(samples, cost),
            "host_load_avg": os.getloadavg()[0], "cost": asdict(cost), "run_cost": asdict(run_fit.model)}
-    _log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
+    log(config, f"  live mean {live['latency_mean_s']:.2f}s {live['throughput_tok_s']:.1f} tok/s | "
                  f"sim mean {sim['latency_mean_s']:.2f}s {sim['throughput_tok_s']:.1f} tok/s | "
                  f"error {run['sim_error']:.0%} (range {low:.2f}-{high:.2f}s) | steps {run['drift']:+.0%} vs calibration | "
                  f"replay mean {replay['latency_mean_s']:.2f}s error {run['replay_error']:.0%}")
@@ -368,13 +224,6 @@ def run(config: LiveConfig, deploy: Deployer | None = None) -> dict:
             "calibration": calibration_report(fits[-1]) if fits else None, "cost_file": str(cost_file),
             "num_requests": config.num_requests, "max_prompt": config.max_prompt,
             "max_output": config.max_output, "runs": runs}
-
-
-def calibration_report(calibration: Calibration) -> dict:
-    fitted = calibration.fit
-    return {"r2": fitted.r2, "steps": fitted.num_samples, "outliers": fitted.num_outliers,
-            "std": fitted.std, "rel_uncertainty": fitted.rel_uncertainty,
-            "speed_spread": calibration.speed_spread}
 
 
 # --- CLI -----------------------------------------------------------------------------------------
@@ -439,10 +288,6 @@ def _stop_local() -> None:
     from deploy.local import stop
 
     stop()
-
-
-def _log(config: LiveConfig, message: str) -> None:
-    print(f"[bench live] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
