@@ -1,7 +1,7 @@
 """What Ray Serve costs: the same workload in-process (LocalEngine) and through the full stack.
 
     python -m bench.serve_overhead [--requests 16] [--prompt 64] [--output 32] [--threads 1]
-                                   [--interval 0.5] [--json]
+                                   [--interval 0.5] [--stream-interval 0.05] [--json]
 
 Both sides run the default model with the same policy and torch threads (default 1, as
 deploy/configs/local.yaml gives its model actor one CPU and leaves the other core to the proxy,
@@ -65,12 +65,13 @@ class InProcess:
 class ThroughServe:
     """The same engine as a local Serve app, driven over HTTP with the OpenAI API."""
 
-    def __init__(self, model: str, threads: int, port: int) -> None:
+    def __init__(self, model: str, threads: int, port: int, stream_interval_s: float = 0.05) -> None:
         from deploy.local import start
 
         url = start({"model": model, "policy": POLICY, "num_model_actors": 1,
                      "model_actor_resources": {"num_cpus": threads, "num_gpus": 0},
-                     "kv_cache_tokens": 16384}, port=port, num_cpus=threads + 1)
+                     "kv_cache_tokens": 16384, "stream_interval_s": stream_interval_s},
+                    port=port, num_cpus=threads + 1)
         self.url = f"{url}/v1/completions"
         asyncio.run(self._gather([[1000] * 8], 4, 0.0))  # warm-up
 
@@ -129,7 +130,7 @@ def measure(args) -> dict:
     """Rounds alternate in-process and Serve runs, so both see the same machine speed."""
     prompts = workload(args.requests, args.prompt)
     local = InProcess(args.model, args.threads)
-    served = ThroughServe(args.model, args.threads, args.port)
+    served = ThroughServe(args.model, args.threads, args.port, args.stream_interval)
     rounds = []
     try:
         for _ in range(args.rounds):
@@ -147,6 +148,7 @@ def measure(args) -> dict:
     return {
         "requests": args.requests, "prompt_tokens": args.prompt, "output_tokens": args.output,
         "threads": args.threads, "interval_s": args.interval, "rounds": args.rounds,
+        "stream_interval_s": args.stream_interval,
         **{k: round(v, 4) for k, v in med.items()},
         "throughput_cost": round(statistics.median(costs), 4),
         "throughput_cost_per_round": [round(c, 4) for c in costs],  # the box's noise, in plain sight
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the model, both sides")
     p.add_argument("--interval", type=float, default=0.5, help="seconds between paced requests")
     p.add_argument("--rounds", type=int, default=5, help="alternating in-process / Serve rounds")
+    p.add_argument("--stream-interval", type=float, default=0.05,
+                   help="the app's stream_interval_s (tokens of a request per SSE chunk at most this often)")
     p.add_argument("--model", default="default")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--out", default=str(RESULTS / "serve_overhead.json"))
