@@ -440,13 +440,13 @@ def test_model_actor_sigkill_mid_stream_loses_nothing(app):
     expected = [post(app, "/completions", b).json()["choices"][0]["text"] for b in bodies]
 
     actor = ray.get_actor(app.debug_state()["actor_names"][0], namespace=RAY_NAMESPACE)
-    old_pid = ray.get(actor.pid.remote(), timeout=60)
+    old_pid = _pid(actor)
     outs, threads = start_streams(app, bodies)
     assert sum(app.debug_state()["used_blocks"]) > 0, "the streams are mid-generation"
     os.kill(old_pid, signal.SIGKILL)
     # Greedy output after the crash equals the output without it; no duplicate or missing token.
     check_streams(outs, threads, expected, 48)
-    assert ray.get(actor.pid.remote(), timeout=300) != old_pid, "Ray restarted the model actor"
+    assert _pid(actor) != old_pid, "Ray restarted the model actor"
     state = app.wait_idle()
     assert sum(state["used_blocks"]) == 0 and state["requests"] == 0
 
@@ -492,8 +492,22 @@ def _model_actor_pids(app) -> list[int]:
 
     from actors.naming import RAY_NAMESPACE
 
-    return [ray.get(ray.get_actor(name, namespace=RAY_NAMESPACE).pid.remote(), timeout=300)
-            for name in app.debug_state()["actor_names"]]
+    return [_pid(ray.get_actor(name, namespace=RAY_NAMESPACE)) for name in app.debug_state()["actor_names"]]
+
+
+def _pid(actor, timeout_s: float = 300.0) -> int:
+    """The actor's pid, waiting out a restart: Ray answers a call to an actor that is restarting
+    (the streams may finish on the other actor first) with ActorUnavailableError at once."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actor.pid.remote(), timeout=timeout_s)
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def test_scheduler_restart_mid_stream_resumes_the_streams(app):
