@@ -65,6 +65,7 @@ def calibrate_live(url: str, config: LiveConfig) -> Calibration:
     reset_steps()
     index = 100_000
     rounds = [0]  # where each probe round's samples start
+    samples: list[tuple[int, int, float]] = []
     for _ in range(config.calibration_repeats):
         for prompt in sorted({min(p, config.max_prompt) for p in PREFILL_PROBES}):
             index += 1
@@ -72,8 +73,9 @@ def calibrate_live(url: str, config: LiveConfig) -> Calibration:
         for batch, prompt in DECODE_PROBES:
             index += batch
             _probe(url, batch, min(prompt, config.max_prompt), PROBE_OUTPUT, index)
-        rounds.append(len(step_samples()))
-    first = robust_fit(step_samples(), **model_kw)
+        samples = step_samples()
+        rounds.append(len(samples))
+    first = robust_fit(samples, **model_kw)
     probe = replace(config, seed=config.seed + 1000, num_requests=WORKLOAD_PROBE_REQUESTS)
     rate = WORKLOAD_PROBE_LOAD / load_per_rate(arrivals_at(probe, 1.0), first.model)
     play(url, arrivals_at(probe, rate), index + 1, "calibration")

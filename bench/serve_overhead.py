@@ -76,16 +76,15 @@ class ThroughServe:
         asyncio.run(self._gather([[1000] * 8], 4, 0.0))  # warm-up
 
     def burst(self, prompts: list[list[int]], output: int) -> dict:
-        from ray import serve
+        from bench.live_calibration import reset_steps, step_samples
 
-        scheduler = serve.get_deployment_handle("Scheduler", app_name="fluidserve")
-        scheduler.dispatch_stats.remote(reset=True).result()
+        reset_steps()
         start = time.monotonic()
         results = asyncio.run(self._gather(prompts, output, 0.0))
         elapsed = time.monotonic() - start
         # The model actor's steps in the burst: the requests cross the proxy and the ingress one
         # by one, so the first often reaches the scheduler alone and gets a prefill of its own.
-        steps = scheduler.dispatch_stats.remote(samples=True).result()["samples"]
+        steps = step_samples()
         return {"output_tok_s": sum(t for _, t in results) / elapsed,
                 "ttft_p50_s": statistics.median(t for t, _ in results),
                 "steps": len(steps), "first_step_tokens": steps[0][0] if steps else 0}

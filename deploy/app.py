@@ -51,18 +51,15 @@ class AppArgs(EngineArgs):
             raise ValueError(f"unknown policy {out.policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
         if out.num_model_actors < 1:
             raise ValueError("num_model_actors must be at least 1")
-        if not out.stream_interval_s >= 0:
-            raise ValueError(f"stream_interval_s must be >= 0, got {out.stream_interval_s}")
+        for name in ("stream_interval_s", "scheduler_graceful_shutdown_s", "metrics_refresh_s"):
+            if not getattr(out, name) >= 0:  # `not >=`: NaN fails too
+                raise ValueError(f"{name} must be >= 0, got {getattr(out, name)}")
         if out.dispatch_depth < 1:
             raise ValueError(f"dispatch_depth must be at least 1, got {out.dispatch_depth}")
         if not out.max_queue_wait_s >= 0:
             raise ValueError(f"max_queue_wait_s must be >= 0 (0: no bound), got {out.max_queue_wait_s}")
         if out.max_queued_tokens < 0:
             raise ValueError(f"max_queued_tokens must be >= 0 (0: no bound), got {out.max_queued_tokens}")
-        if not out.scheduler_graceful_shutdown_s >= 0:
-            raise ValueError(f"scheduler_graceful_shutdown_s must be >= 0, got {out.scheduler_graceful_shutdown_s}")
-        if not out.metrics_refresh_s >= 0:
-            raise ValueError(f"metrics_refresh_s must be >= 0, got {out.metrics_refresh_s}")
         if is_sim_model(out.model):
             sim_cost(out.model)  # an unknown preset or a missing cost file fails here, clearly
             output_length_sample(out.sim_output_lengths)
